@@ -1,0 +1,211 @@
+"""`prompttrain`: one command line for every component.
+
+prompttrain proxy          the proxy on PORT (3000)
+prompttrain dashboard      the dashboard on DASHBOARD_PORT (3001)
+prompttrain up             proxy + dashboard in one process (what `make run` starts)
+prompttrain migrate        wait for the database, lock, upgrade the schema to the newest revision
+prompttrain fake-upstream  a stand-in for Anthropic's Messages API (tests, demos, benchmarks)
+prompttrain client-key     create a client key for a train (prints it once; stores only its digest)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import uvicorn
+
+from prompttrain.credentials import (
+    TRAIN_SUFFIX,
+    AuthMode,
+    digest_client_key,
+    generate_client_key,
+    is_identifier,
+)
+from prompttrain.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("prompttrain")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request URL at INFO; the proxy logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals are handled by `serve_all`, so several servers share one loop."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        return
+
+    def capture_signals(self) -> Any:  # uvicorn >= 0.29
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def server_config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=int(settings.upstream_read_timeout_seconds),
+    )
+
+
+async def serve_all(configs: Sequence[uvicorn.Config]) -> None:
+    servers = [_Server(config) for config in configs]
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    await asyncio.gather(*(server.serve() for server in servers))
+    if any(not server.started for server in servers):
+        raise SystemExit(1)
+
+
+def run_proxy(settings: Settings) -> None:
+    from prompttrain.proxy.app import create_app
+
+    asyncio.run(serve_all([server_config(create_app(settings), settings.host, settings.port, settings)]))
+
+
+def run_dashboard(settings: Settings) -> None:
+    from prompttrain.dashboard.app import create_app
+
+    config = server_config(create_app(settings), settings.host, settings.dashboard_port, settings)
+    asyncio.run(serve_all([config]))
+
+
+def run_up(settings: Settings) -> None:
+    from prompttrain.dashboard.app import create_app as create_dashboard
+    from prompttrain.proxy.app import create_app as create_proxy
+    from prompttrain.storage.migrate import migrate
+
+    async def main() -> None:
+        await migrate(settings.database_url)
+        print(
+            f"Agent Prompt Train: proxy on http://localhost:{settings.port}, dashboard on "
+            f"http://localhost:{settings.dashboard_port} (open development mode: no dashboard key)\n"
+            f"Point Claude Code at it: ANTHROPIC_BASE_URL=http://localhost:{settings.port} claude",
+            file=sys.stderr,
+            flush=True,
+        )
+        await serve_all(
+            [
+                server_config(create_proxy(settings), settings.host, settings.port, settings),
+                server_config(create_dashboard(settings), settings.host, settings.dashboard_port, settings),
+            ]
+        )
+
+    asyncio.run(main())
+
+
+def run_migrate(settings: Settings, wait_seconds: float) -> None:
+    from prompttrain.storage.migrate import migrate
+
+    asyncio.run(migrate(settings.database_url, wait_seconds=wait_seconds))
+
+
+def run_fake_upstream(host: str, port: int) -> None:
+    from prompttrain.upstream_fake.app import run
+
+    run(host, port)
+
+
+def create_client_key(settings: Settings, train_id: str) -> None:
+    if not is_identifier(train_id):
+        raise SettingsError(f"--train: '{train_id}' is not a valid identifier")
+    path = settings.credentials_dir / "trains" / f"{train_id}{TRAIN_SUFFIX}"
+    document: dict[str, Any] = orjson.loads(path.read_bytes()) if path.exists() else {}
+    if document.get("auth", str(AuthMode.CLIENT_KEYS)) != AuthMode.CLIENT_KEYS:
+        raise SettingsError(f"train '{train_id}' uses auth '{document.get('auth')}', not client-keys")
+    key = generate_client_key()
+    document["auth"] = str(AuthMode.CLIENT_KEYS)
+    document["client_key_sha256"] = [*document.get("client_key_sha256", []), digest_client_key(key).hex()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    os.replace(temporary, path)
+    print(key)
+    print(f"stored its SHA-256 digest in {path}; the key is not stored anywhere else", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prompttrain", description="Agent Prompt Train")
+    commands = parser.add_subparsers(dest="command", required=True)
+    proxy = commands.add_parser("proxy", help="run the proxy")
+    proxy.add_argument("--host")
+    proxy.add_argument("--port", type=int)
+    dashboard = commands.add_parser("dashboard", help="run the dashboard")
+    dashboard.add_argument("--host")
+    dashboard.add_argument("--port", type=int)
+    up = commands.add_parser("up", help="run proxy and dashboard together (SQLite by default)")
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.add_argument("--dashboard-port", type=int)
+    migrate = commands.add_parser("migrate", help="upgrade the database schema")
+    migrate.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the database")
+    fake = commands.add_parser("fake-upstream", help="run the stand-in for Anthropic's API")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=9100)
+    key = commands.add_parser("client-key", help="create a client key for a train")
+    key.add_argument("--train", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = build_parser().parse_args(argv)
+    try:
+        if arguments.command == "fake-upstream":
+            configure_logging("warning")
+            run_fake_upstream(arguments.host, arguments.port)
+            return
+        overrides: dict[str, Any] = {}
+        if arguments.command in ("proxy", "up"):
+            overrides = {"host": arguments.host, "port": arguments.port}
+        if arguments.command == "up":
+            overrides["dashboard_port"] = arguments.dashboard_port
+        if arguments.command == "dashboard":
+            overrides = {"host": arguments.host, "dashboard_port": arguments.port}
+        settings = load_settings(**overrides)
+        configure_logging(settings.log_level)
+        if arguments.command == "proxy":
+            run_proxy(settings)
+        elif arguments.command == "dashboard":
+            run_dashboard(settings)
+        elif arguments.command == "up":
+            run_up(settings)
+        elif arguments.command == "migrate":
+            run_migrate(settings, arguments.wait)
+        elif arguments.command == "client-key":
+            create_client_key(settings, arguments.train)
+    except SettingsError as error:
+        print(f"prompttrain: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

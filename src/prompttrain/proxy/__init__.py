@@ -1,0 +1,1 @@
+"""The proxy service: app factory, routes, forwarding, client auth, account selection and OAuth refresh."""

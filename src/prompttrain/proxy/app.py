@@ -1,0 +1,365 @@
+"""The proxy's app factory: lifespan-owned state (HTTP client, credentials, OAuth, writer) and its routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from prompttrain import __version__
+from prompttrain.credentials import EMPTY_SNAPSHOT, CredentialDirectory, CredentialSnapshot, OAuthAccount
+from prompttrain.proxy.accounts import CooldownTable, Resolution, authorise
+from prompttrain.proxy.errors import (
+    InvalidRequestError,
+    ProxyError,
+    RequestTooLargeError,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
+)
+from prompttrain.proxy.forwarding import ErrorResponse, UpstreamCall, UpstreamResponse, open_upstream
+from prompttrain.proxy.headers import (
+    ACCOUNT_HEADER,
+    CLIENT_CREDENTIAL_HEADERS,
+    NOT_FORWARDED,
+    OAUTH_BETA,
+    SESSION_HEADER,
+    TRAIN_HEADER,
+    connection_tokens,
+    merge_betas,
+    narrow_accept_encoding,
+    recorded_request_headers,
+)
+from prompttrain.proxy.oauth import OAuthManager
+from prompttrain.settings import Settings
+from prompttrain.storage.engine import create_engine, database_is_ready
+from prompttrain.storage.migrate import migrate
+from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_or_create_key
+from prompttrain.storage.records import ExchangeRecord, Outcome
+from prompttrain.storage.writer import RequestWriter
+
+log = logging.getLogger(__name__)
+
+READINESS_CACHE_SECONDS = 1.0
+
+
+@dataclass
+class ProxyState:
+    settings: Settings
+    client: httpx.AsyncClient
+    oauth: OAuthManager
+    engine: AsyncEngine | None
+    writer: RequestWriter | None
+    credentials: CredentialDirectory
+    snapshot: CredentialSnapshot = EMPTY_SNAPSHOT
+    cooldowns: CooldownTable = field(default_factory=CooldownTable)
+    accepting: bool = True
+    _ready_checked_at: float = -1e9
+    _database_ready: bool = False
+
+    async def database_ready(self) -> bool:
+        if self.engine is None:
+            return True
+        now = time.monotonic()
+        if now - self._ready_checked_at >= READINESS_CACHE_SECONDS:
+            try:
+                self._database_ready = await asyncio.wait_for(database_is_ready(self.engine), timeout=2.0)
+            except TimeoutError:
+                self._database_ready = False
+            self._ready_checked_at = now
+        return self._database_ready
+
+    async def reload_credentials(self) -> None:
+        snapshot, changed = await asyncio.to_thread(self.credentials.scan)
+        if changed or snapshot is not self.snapshot:
+            new_oauth = [
+                name
+                for name, account in snapshot.accounts.items()
+                if isinstance(account, OAuthAccount) and name not in self.snapshot.accounts
+            ]
+            self.snapshot = snapshot
+            if new_oauth:
+                await self.oauth.load_persisted(new_oauth)
+
+    async def watch_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.credentials_reload_seconds)
+            try:
+                await self.reload_credentials()
+            except Exception:
+                log.exception("credential reload failed; keeping the previous credentials")
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = await start_state(settings)
+        app.state.proxy = state
+        watcher = asyncio.create_task(state.watch_credentials(), name="credential-watcher")
+        try:
+            yield
+        finally:
+            state.accepting = False
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await stop_state(state)
+
+    routes = [
+        Route("/v1/messages", forward, methods=["POST"]),
+        Route("/v1/{rest:path}", forward, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
+        Route("/api/event_logging/{rest:path}", drop_event_logging, methods=["POST"]),
+        Route("/", describe, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def start_state(settings: Settings) -> ProxyState:
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout_seconds,
+            read=settings.upstream_read_timeout_seconds,
+            write=60.0,
+            pool=settings.upstream_connect_timeout_seconds,
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=200, keepalive_expiry=60.0),
+        follow_redirects=False,
+    )
+    engine: AsyncEngine | None = None
+    writer: RequestWriter | None = None
+    store: OAuthTokenStore | None = None
+    if settings.storage_enabled:
+        if settings.should_migrate_on_start:
+            await migrate(settings.database_url)
+        engine = create_engine(settings.database_url)
+        writer = RequestWriter(
+            engine,
+            batch_size=settings.writer_batch_size,
+            flush_seconds=settings.writer_flush_seconds,
+            queue_size=settings.writer_queue_size,
+        )
+        writer.start()
+        key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
+        store = OAuthTokenStore(engine, TokenCipher(key))
+    oauth = OAuthManager(
+        client,
+        token_url=str(settings.oauth_token_url),
+        client_id=settings.oauth_client_id,
+        margin_seconds=settings.oauth_refresh_margin_seconds,
+        store=store,
+    )
+    state = ProxyState(
+        settings=settings,
+        client=client,
+        oauth=oauth,
+        engine=engine,
+        writer=writer,
+        credentials=CredentialDirectory(settings.credentials_dir),
+    )
+    await state.reload_credentials()
+    log.info(
+        "proxy ready: %d trains, %d accounts from %s, upstream %s",
+        len(state.snapshot.trains),
+        len(state.snapshot.accounts),
+        settings.credentials_dir,
+        settings.upstream_base,
+    )
+    return state
+
+
+async def stop_state(state: ProxyState) -> None:
+    if state.writer is not None:
+        await state.writer.stop()
+    await state.client.aclose()
+    if state.engine is not None:
+        await state.engine.dispose()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"request body exceeds the {limit}-byte limit")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise RequestTooLargeError(f"request body exceeds the {limit}-byte limit")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def inspect_messages_body(body: bytes, record: ExchangeRecord) -> None:
+    """Validate a Messages request the way Anthropic would and note its model and stream flag."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    model = payload.get("model")
+    if isinstance(model, str):
+        record.model = model
+    stream = payload.get("stream", False)
+    record.stream = stream is True
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("model: field required")
+    if not isinstance(payload.get("messages"), list):
+        raise InvalidRequestError("messages: field required (a list)")
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream: must be a boolean")
+
+
+def note_model(body: bytes, record: ExchangeRecord) -> None:
+    if not body:
+        return
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(payload, dict) and isinstance(payload.get("model"), str):
+        record.model = payload["model"]
+
+
+async def upstream_headers(state: ProxyState, request: Request, resolution: Resolution) -> list[tuple[str, str]]:
+    raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]]
+    dropped = NOT_FORWARDED | connection_tokens(raw)
+    account = resolution.account
+    if account is not None:
+        dropped = dropped | CLIENT_CREDENTIAL_HEADERS | {"anthropic-beta"}
+    headers: list[tuple[str, str]] = []
+    betas: list[str] = []
+    for name, value in raw:
+        if name in dropped:
+            if name == "anthropic-beta":
+                betas.append(value)
+            continue
+        if name == "accept-encoding":
+            value = narrow_accept_encoding(value)
+        headers.append((name, value))
+    if account is None:
+        return headers
+    if isinstance(account, OAuthAccount):
+        token = await state.oauth.access_token(account)
+        headers.append(("authorization", f"Bearer {token}"))
+        headers.append(("anthropic-beta", merge_betas(OAUTH_BETA, *betas)))
+    else:
+        headers.append(("x-api-key", account.api_key))
+        if betas:
+            headers.append(("anthropic-beta", merge_betas(*betas)))
+    return headers
+
+
+async def forward(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    started = time.perf_counter()
+    headers = request.headers
+    path = request.url.path
+    record = ExchangeRecord(
+        request_id=uuid4(),
+        started_at=datetime.now(UTC),
+        started=started,
+        method=request.method,
+        path=path,
+        train_id=(headers.get(TRAIN_HEADER) or "").strip() or state.settings.default_train_id,
+        request_headers=recorded_request_headers(headers.items()),
+        session_id=headers.get(SESSION_HEADER),
+    )
+    try:
+        resolution = authorise(
+            state.snapshot,
+            state.cooldowns,
+            train_header=headers.get(TRAIN_HEADER),
+            account_header=headers.get(ACCOUNT_HEADER),
+            authorization=headers.get("authorization"),
+            api_key=headers.get("x-api-key"),
+            default_train=state.settings.default_train_id,
+        )
+        record.train_id = resolution.train.train_id
+        record.account_id = resolution.account_id
+        body = await read_body(request, state.settings.max_request_body_bytes)
+        record.request_body = body
+        if path == "/v1/messages":
+            inspect_messages_body(body, record)
+        else:
+            note_model(body, record)
+        query = request.scope.get("query_string", b"")
+        url = state.settings.upstream_base + path + ("?" + query.decode("latin-1") if query else "")
+        call = UpstreamCall(request.method, url, await upstream_headers(state, request, resolution), body)
+        upstream = await open_upstream(state.client, call, record)
+    except ProxyError as error:
+        if isinstance(error, UpstreamTimeoutError):
+            record.outcome = Outcome.TIMEOUT
+        elif isinstance(error, UpstreamUnreachableError):
+            record.outcome = Outcome.UNREACHABLE
+        if isinstance(error, RequestTooLargeError):
+            record.request_body = None
+        return ErrorResponse(error, record, state.writer)
+    if upstream.status_code == 429 and resolution.account is not None:
+        state.cooldowns.start(resolution.account.name, upstream.headers.get("retry-after"))
+    return UpstreamResponse(upstream, record, state.writer)
+
+
+async def health(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    database = "disabled" if state.engine is None else ("connected" if await state.database_ready() else "down")
+    return JSONResponse(
+        {
+            "status": "healthy" if database != "down" and state.accepting else "degraded",
+            "service": "prompttrain-proxy",
+            "version": __version__,
+            "database": database,
+            "trains": len(state.snapshot.trains),
+            "accounts": len(state.snapshot.accounts),
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+    )
+
+
+async def live(request: Request) -> Response:
+    return JSONResponse({"alive": True, "timestamp": datetime.now(UTC).isoformat()})
+
+
+async def ready(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    is_ready = state.accepting and await state.database_ready()
+    return JSONResponse(
+        {"ready": is_ready, "accepting": state.accepting, "timestamp": datetime.now(UTC).isoformat()},
+        status_code=200 if is_ready else 503,
+    )
+
+
+async def drop_event_logging(request: Request) -> Response:
+    # Claude Code posts its own telemetry here; accept and discard it without reading it into memory twice.
+    async for _ in request.stream():
+        pass
+    return JSONResponse({"status": "ok"})
+
+
+async def describe(request: Request) -> Response:
+    return JSONResponse(
+        {
+            "service": "prompttrain-proxy",
+            "version": __version__,
+            "endpoints": {
+                "messages": "POST /v1/messages",
+                "passthrough": "/v1/*",
+                "health": "GET /health, /health/live, /health/ready",
+            },
+        }
+    )

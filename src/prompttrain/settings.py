@@ -1,0 +1,131 @@
+"""All configuration, read once from the environment and passed into the app factories.
+
+Variable names follow the seed architecture where it has one (`PORT`, `HOST`, `CREDENTIALS_DIR`, `DATABASE_URL`,
+`STORAGE_ENABLED`, `SLACK_WEBHOOK_URL`, `SLACK_CHANNEL`, `DASHBOARD_API_KEY`, `TELEMETRY_ENDPOINT`). A wrong value
+fails at start-up with a message naming the variable (`SettingsError`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9._:-]+$")
+DEFAULT_OAUTH_TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"  # noqa: S105 - a URL, not a secret
+DEFAULT_OAUTH_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+
+
+class SettingsError(Exception):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every setting of every component. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on every interface
+    port: int = Field(default=3000, ge=1, le=65535)
+    dashboard_port: int = Field(default=3001, ge=1, le=65535)
+
+    upstream_url: AnyHttpUrl = AnyHttpUrl("https://api.anthropic.com")
+    oauth_token_url: AnyHttpUrl = AnyHttpUrl(DEFAULT_OAUTH_TOKEN_URL)
+    oauth_client_id: str = DEFAULT_OAUTH_CLIENT_ID
+    # Refresh an OAuth access token this many seconds before it expires.
+    oauth_refresh_margin_seconds: float = Field(default=300.0, ge=0)
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Longest silence tolerated between two upstream bytes (Claude Code turns can think for minutes).
+    upstream_read_timeout_seconds: float = Field(default=600.0, gt=0)
+    max_request_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+
+    credentials_dir: Path = Path("credentials")
+    credentials_reload_seconds: float = Field(default=1.0, gt=0)
+    credentials_encryption_key: str | None = None
+    default_train_id: str = "default"
+
+    database_url: str = "sqlite+aiosqlite:///./data/prompttrain.db"
+    storage_enabled: bool = True
+    # "auto": migrate at start-up on SQLite only (PostgreSQL deployments run `prompttrain migrate` once).
+    migrate_on_start: str = "auto"
+    writer_batch_size: int = Field(default=200, ge=1)
+    writer_flush_seconds: float = Field(default=0.05, gt=0)
+    writer_queue_size: int = Field(default=10_000, ge=1)
+    data_dir: Path = Path("data")
+
+    slack_webhook_url: AnyHttpUrl | None = None
+    slack_channel: str | None = None
+    dashboard_api_key: str | None = None
+    telemetry_endpoint: AnyHttpUrl | None = None
+
+    log_level: str = "info"
+
+    @field_validator("default_train_id")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not IDENTIFIER_PATTERN.match(value):
+            raise ValueError(f"must match {IDENTIFIER_PATTERN.pattern}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("migrate_on_start")
+    @classmethod
+    def _migrate_on_start(cls, value: str) -> str:
+        lowered = value.lower()
+        if lowered not in {"auto", "true", "false"}:
+            raise ValueError("must be auto, true or false")
+        return lowered
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        lowered = value.lower()
+        if lowered not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError("must be one of critical, error, warning, info, debug")
+        return lowered
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_migrate_on_start(self) -> bool:
+        if self.migrate_on_start == "auto":
+            return self.is_sqlite
+        return self.migrate_on_start == "true"
+
+    @property
+    def upstream_base(self) -> str:
+        return str(self.upstream_url).rstrip("/")
+
+
+def normalise_database_url(value: str) -> str:
+    """Accept the URLs people paste (`postgres://`, `postgresql://`, `sqlite:///`) and pick the async driver."""
+    if value.startswith("postgres://"):
+        value = "postgresql://" + value.removeprefix("postgres://")
+    if value.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + value.removeprefix("postgresql://")
+    if value.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + value.removeprefix("sqlite:///")
+    if value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+        return value
+    raise ValueError("must be a postgresql:// or sqlite:/// URL")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus explicit overrides from CLI flags); raise SettingsError naming the variable."""
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            name = ".".join(str(part) for part in item["loc"]).upper() or "settings"
+            problems.append(f"{name}: {item['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Persistence: engine and session factories, tables, the background writer and Alembic migrations."""

@@ -1,0 +1,75 @@
+"""Requests and OAuth tokens.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+JsonDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "api_requests",
+        sa.Column("request_id", sa.Uuid(), nullable=False),
+        sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("train_id", sa.String(255), nullable=False),
+        sa.Column("account_id", sa.String(255)),
+        sa.Column("method", sa.String(16), nullable=False),
+        sa.Column("path", sa.String(2048), nullable=False),
+        sa.Column("model", sa.String(255)),
+        sa.Column("stream", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("status_code", sa.Integer()),
+        sa.Column("outcome", sa.String(32), nullable=False),
+        sa.Column("error_type", sa.String(100)),
+        sa.Column("error_message", sa.Text()),
+        sa.Column("duration_ms", sa.Float()),
+        sa.Column("upstream_ms", sa.Float()),
+        sa.Column("first_token_ms", sa.Float()),
+        sa.Column("overhead_ms", sa.Float()),
+        sa.Column("input_tokens", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("output_tokens", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("cache_read_input_tokens", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("cache_creation_input_tokens", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("usage", JsonDocument),
+        sa.Column("stop_reason", sa.String(64)),
+        sa.Column("tool_call_count", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("session_id", sa.String(255)),
+        sa.Column("upstream_request_id", sa.String(255)),
+        sa.Column("request_headers", JsonDocument),
+        sa.Column("response_headers", JsonDocument),
+        sa.Column("request_body", sa.Text()),
+        sa.Column("response_body", JsonDocument),
+        sa.PrimaryKeyConstraint("request_id", name="pk_api_requests"),
+    )
+    op.create_index("ix_api_requests_timestamp", "api_requests", ["timestamp"])
+    op.create_index("ix_api_requests_train_id_timestamp", "api_requests", ["train_id", "timestamp"])
+    op.create_index("ix_api_requests_account_id_timestamp", "api_requests", ["account_id", "timestamp"])
+    op.create_index("ix_api_requests_session_id", "api_requests", ["session_id"])
+    op.create_table(
+        "oauth_tokens",
+        sa.Column("account_id", sa.String(255), nullable=False),
+        sa.Column("access_token", sa.Text(), nullable=False),
+        sa.Column("refresh_token", sa.Text(), nullable=False),
+        sa.Column("expires_at_ms", sa.BigInteger(), nullable=False),
+        sa.Column("scopes", sa.Text(), nullable=False, server_default=""),
+        sa.Column("is_max", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("refreshed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("account_id", name="pk_oauth_tokens"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("oauth_tokens")
+    op.drop_table("api_requests")

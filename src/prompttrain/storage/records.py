@@ -1,0 +1,164 @@
+"""What the request path captures about one exchange, and how the writer turns it into a row.
+
+The request path only fills an `ExchangeRecord` (cheap: references to bytes it already has, monotonic times);
+everything that costs CPU — decompressing, parsing JSON or SSE, rebuilding the streamed message — happens in
+`build_row`, which the background writer runs off the request path.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from prompttrain.conversation.stream import summarise_stream
+from prompttrain.conversation.usage import tool_calls_of, usage_of
+
+MAX_ERROR_MESSAGE = 2000
+
+
+class Outcome:
+    COMPLETED = "completed"
+    UPSTREAM_ERROR = "upstream_error"
+    STREAM_ERROR = "stream_error"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"
+    REJECTED = "rejected"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class ExchangeRecord:
+    request_id: uuid.UUID
+    started_at: datetime
+    started: float  # time.perf_counter() when the request arrived
+    method: str
+    path: str
+    train_id: str
+    account_id: str | None = None
+    request_headers: dict[str, str] = field(default_factory=dict)
+    request_body: bytes | None = None
+    model: str | None = None
+    stream: bool = False
+    session_id: str | None = None
+    status_code: int | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = ""
+    content_encoding: str = ""
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+    upstream_sent: float | None = None
+    upstream_headers: float | None = None
+    finished: float | None = None
+    overhead_ms: float | None = None
+    outcome: str = Outcome.COMPLETED
+    error_type: str | None = None
+    error_message: str | None = None
+    response_override: dict[str, Any] | None = None  # a proxy-generated error body
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.lower().strip()
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -zlib.MAX_WBITS)
+    return body
+
+
+def _millis(start: float | None, end: float | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start) * 1000.0, 3)
+
+
+def build_row(record: ExchangeRecord) -> dict[str, Any]:
+    """Turn a captured exchange into an `api_requests` row. Pure CPU work; never raises on bad payloads."""
+    message: dict[str, Any] | None = record.response_override
+    first_token: float | None = None
+    outcome, error_type, error_message = record.outcome, record.error_type, record.error_message
+    if record.chunks:
+        raw = b"".join(chunk for _, chunk in record.chunks)
+        if "text/event-stream" in record.content_type:
+            summary = summarise_stream(record.chunks) if not record.content_encoding else None
+            if summary is None:
+                summary = summarise_stream([(record.chunks[0][0], _safe_decompress(raw, record.content_encoding))])
+            message, first_token = summary.message, summary.first_token_at
+            if summary.error is not None:
+                outcome = Outcome.STREAM_ERROR
+                error_type = str(summary.error.get("type") or "stream_error")
+                error_message = str(summary.error.get("message") or "")
+            elif not summary.complete and outcome == Outcome.COMPLETED and (record.status_code or 0) < 400:
+                outcome, error_type = Outcome.STREAM_ERROR, "incomplete_stream"
+                error_message = "the upstream stream ended before message_stop"
+        else:
+            decoded = _safe_decompress(raw, record.content_encoding)
+            try:
+                parsed = orjson.loads(decoded) if decoded else None
+            except orjson.JSONDecodeError:
+                parsed = {"unparsed_body": decoded[:MAX_ERROR_MESSAGE].decode("utf-8", "replace")}
+            message = parsed if isinstance(parsed, dict) else {"body": parsed}
+            first_token = record.chunks[0][0]
+    status = record.status_code
+    if status is not None and status >= 400 and outcome == Outcome.COMPLETED:
+        outcome = Outcome.UPSTREAM_ERROR
+    if status is not None and status >= 400 and error_type is None and isinstance(message, dict):
+        error = message.get("error")
+        if isinstance(error, dict):
+            error_type = str(error.get("type") or "error")
+            error_message = str(error.get("message") or "")
+    usage = usage_of(message) if status is not None and status < 400 else usage_of(None)
+    tools = tool_calls_of(message) if status is not None and status < 400 else []
+    upstream_usage = message.get("usage") if isinstance(message, dict) else None
+    return {
+        "request_id": record.request_id,
+        "timestamp": record.started_at,
+        "train_id": record.train_id,
+        "account_id": record.account_id,
+        "method": record.method,
+        "path": record.path[:2048],
+        "model": record.model[:255] if record.model else None,
+        "stream": record.stream,
+        "status_code": status,
+        "outcome": outcome,
+        "error_type": error_type[:100] if error_type else None,
+        "error_message": error_message[:MAX_ERROR_MESSAGE] if error_message else None,
+        "duration_ms": _millis(record.started, record.finished),
+        "upstream_ms": _millis(record.upstream_sent, record.finished),
+        "first_token_ms": _millis(record.started, first_token),
+        "overhead_ms": record.overhead_ms,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "usage": upstream_usage if isinstance(upstream_usage, dict) else None,
+        "stop_reason": _stop_reason(message),
+        "tool_call_count": len(tools),
+        "session_id": record.session_id[:255] if record.session_id else None,
+        "upstream_request_id": record.response_headers.get("request-id"),
+        "request_headers": record.request_headers,
+        "response_headers": record.response_headers or None,
+        "request_body": record.request_body.decode("utf-8", "replace") if record.request_body is not None else None,
+        "response_body": message,
+    }
+
+
+def _safe_decompress(body: bytes, encoding: str) -> bytes:
+    try:
+        return _decompress(body, encoding)
+    except zlib.error:
+        return b""
+
+
+def _stop_reason(message: dict[str, Any] | None) -> str | None:
+    if not isinstance(message, dict):
+        return None
+    value = message.get("stop_reason")
+    return str(value)[:64] if value is not None else None
