@@ -42,6 +42,7 @@ def configure_logging(level: str) -> None:
     )
     # httpx logs every request URL at INFO; the proxy logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 class _Server(uvicorn.Server):
@@ -56,7 +57,8 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def server_config(app: Any, host: str, port: int, settings: Settings) -> uvicorn.Config:
+def server_config(app: Any, host: str, port: int, settings: Settings, *, relay: bool = False) -> uvicorn.Config:
+    """A uvicorn configuration; `relay` servers send only the upstream's own Date and Server headers."""
     return uvicorn.Config(
         app,
         host=host,
@@ -66,6 +68,8 @@ def server_config(app: Any, host: str, port: int, settings: Settings) -> uvicorn
         lifespan="on",
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(settings.upstream_read_timeout_seconds),
+        server_header=not relay,
+        date_header=not relay,
     )
 
 
@@ -87,7 +91,7 @@ async def serve_all(configs: Sequence[uvicorn.Config]) -> None:
 def run_proxy(settings: Settings) -> None:
     from prompttrain.proxy.app import create_app
 
-    asyncio.run(serve_all([server_config(create_app(settings), settings.host, settings.port, settings)]))
+    asyncio.run(serve_all([server_config(create_app(settings), settings.host, settings.port, settings, relay=True)]))
 
 
 def run_dashboard(settings: Settings) -> None:
@@ -113,7 +117,7 @@ def run_up(settings: Settings) -> None:
         )
         await serve_all(
             [
-                server_config(create_proxy(settings), settings.host, settings.port, settings),
+                server_config(create_proxy(settings), settings.host, settings.port, settings, relay=True),
                 server_config(create_dashboard(settings), settings.host, settings.dashboard_port, settings),
             ]
         )

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     writer_batch_size: int = Field(default=200, ge=1)
     writer_flush_seconds: float = Field(default=0.05, gt=0)
     writer_queue_size: int = Field(default=10_000, ge=1)
+    # On shutdown, how long to keep trying to write what is queued before giving up.
+    writer_shutdown_seconds: float = Field(default=30.0, ge=0)
     data_dir: Path = Path("data")
 
     slack_webhook_url: AnyHttpUrl | None = None

@@ -184,7 +184,7 @@ async def start_state(settings: Settings) -> ProxyState:
 
 async def stop_state(state: ProxyState) -> None:
     if state.writer is not None:
-        await state.writer.stop()
+        await state.writer.stop(state.settings.writer_shutdown_seconds)
     await state.client.aclose()
     if state.engine is not None:
         await state.engine.dispose()

@@ -135,6 +135,11 @@ class UpstreamResponse(Response):
         except httpx.HTTPError as error:
             record.outcome, record.error_type = Outcome.STREAM_ERROR, "upstream_connection_lost"
             record.error_message = f"the upstream connection broke mid-response ({type(error).__name__})"
+        if record.error_type is not None:
+            # Relay the break as a break: ending the body cleanly would tell the client the answer was whole.
+            # Returning without the final body message makes the server close the connection mid-body.
+            log.warning("request %s: %s", record.request_id, record.error_message)
+            return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

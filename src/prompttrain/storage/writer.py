@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -102,15 +103,31 @@ class RequestWriter:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - any database failure: keep the rows and retry
+            except Exception as error:  # noqa: BLE001 - classified below; the rows are never silently lost
+                if not is_transient(error):
+                    log.error("the database refused a batch (%s); writing its rows one by one", describe(error))
+                    await self._write_one_by_one(rows)
+                    return
                 log.warning(
-                    "could not write %d request records (%s); retrying in %.1fs",
-                    len(rows),
-                    type(error).__name__,
-                    delay,
+                    "could not write %d request records (%s); retrying in %.1fs", len(rows), describe(error), delay
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        """Isolate the row the database refuses; store it without its payloads rather than not at all."""
+        for row in rows:
+            for attempt in (row, _without_payloads(row)):
+                try:
+                    await self.insert_rows([attempt])
+                    self.written += 1
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - reported; the next variant is tried
+                    log.error("the database refused request %s (%s)", row["request_id"], describe(error))
+            else:
+                self.dropped += 1
 
     async def insert_rows(self, rows: list[dict[str, Any]]) -> None:
         dialect = self.engine.dialect.name
@@ -118,6 +135,28 @@ class RequestWriter:
         statement = insert(api_requests).on_conflict_do_nothing(index_elements=["request_id"])
         async with self.engine.begin() as connection:
             await connection.execute(statement, rows)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether to retry later: anything but a row the database will never accept (bad data, a constraint)."""
+    if isinstance(error, sa_exc.DataError | sa_exc.IntegrityError):
+        return False
+    # A StatementError that is not a DBAPIError failed in Python, converting a value: retrying cannot help.
+    return not (isinstance(error, sa_exc.StatementError) and not isinstance(error, sa_exc.DBAPIError))
+
+
+def describe(error: BaseException) -> str:
+    """The error's class and first line, short: enough to act on, too short to carry a payload."""
+    original = getattr(error, "orig", None) or error
+    first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {first_line[:200]}"
+
+
+PAYLOAD_COLUMNS = ("request_body", "response_body", "request_headers", "response_headers", "usage")
+
+
+def _without_payloads(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, **dict.fromkeys(PAYLOAD_COLUMNS)}
 
 
 def _rows_of(batch: Sequence[ExchangeRecord]) -> list[dict[str, Any]]:

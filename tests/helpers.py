@@ -1,0 +1,159 @@
+"""Test support: real processes on 127.0.0.1 (proxy, fake upstream), free ports, polling, database access."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+
+from prompttrain.settings import normalise_database_url
+from prompttrain.storage.engine import create_engine
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTTRAIN = str(Path(sys.executable).with_name("prompttrain"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+class Service:
+    """A `prompttrain` subcommand running as its own process, with its output kept for failure reports."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], port: int, log_dir: Path) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}-{port}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [PROMPTTRAIN, *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(log_dir),
+        )
+
+    def wait_ready(self, path: str = "/health/live", timeout: float = 30.0) -> Service:
+        def answered() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + path, timeout=1.0).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answered, timeout=timeout, interval=0.1)
+        return self
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return int(self.process.returncode)
+
+
+class FakeUpstream:
+    """The fake upstream process and its control API."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.url = service.url
+        self.http = httpx.Client(base_url=service.url, timeout=10.0)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def reset(self) -> None:
+        self.http.post("/_fake/reset").raise_for_status()
+
+    def script(self, *replies: Mapping[str, Any]) -> None:
+        self.http.post("/_fake/replies", json={"replies": list(replies)}).raise_for_status()
+
+    def received(self) -> list[dict[str, Any]]:
+        response = self.http.get("/_fake/received")
+        response.raise_for_status()
+        return list(response.json()["requests"])
+
+    def oauth(self, **settings: Any) -> None:
+        self.http.post("/_fake/oauth", json=settings).raise_for_status()
+
+    def oauth_calls(self) -> int:
+        return int(self.http.get("/_fake/oauth").json()["calls"])
+
+
+def write_json(path: Path, document: Any) -> None:
+    """Write atomically, as a deployment tool (or Kubernetes) would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(orjson.dumps(document))
+    os.replace(temporary, path)
+
+
+def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        engine = create_engine(normalise_database_url(database_url), pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                result = await connection.execute(sa.text(sql), params)
+                return [dict(row) for row in result.mappings().all()]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def wait_for_rows(
+    database_url: str, sql: str, count: int, timeout: float = 10.0, **params: Any
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        nonlocal rows
+        rows = query(database_url, sql, **params)
+        return len(rows) >= count
+
+    wait_until(enough, timeout=timeout, interval=0.1)
+    return rows
+
+
+@contextlib.contextmanager
+def services(*started: Service) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for service in started:
+            service.stop()
