@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck format bench clean install
+CLAUDE_CODE := tests/claude_code/node_modules/.bin/claude
+
+.PHONY: run test lint typecheck format bench clean install claude-code
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed")'
@@ -19,7 +21,16 @@ run: $(STAMP)
 	@mkdir -p data
 	$(BIN)/prompttrain up
 
-test: $(STAMP)
+# Claude Code itself (pinned in tests/claude_code) drives the end-to-end tests; without npm they are skipped
+# (under CI=true they fail instead).
+CLAUDE_STAMP := tests/claude_code/node_modules/.installed
+claude-code:
+	@if [ -f $(CLAUDE_STAMP) ] && [ $(CLAUDE_STAMP) -nt tests/claude_code/package-lock.json ]; then :; \
+	elif command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix tests/claude_code --no-audit --no-fund --loglevel=error && touch $(CLAUDE_STAMP); \
+	else echo "npm not found: the Claude Code tests will be skipped"; fi
+
+test: $(STAMP) claude-code
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
@@ -40,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/proxy_overhead.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tests/claude_code/node_modules

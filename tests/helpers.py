@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,34 @@ def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def load_payload(database_url: str, request_id: Any) -> Any:
+    """The stored bodies of one request (`StoredPayload`), or None."""
+    from prompttrain.storage.queries import load_payload as load
+
+    async def run() -> Any:
+        engine = create_engine(normalise_database_url(database_url), pool_size=1)
+        try:
+            async with engine.connect() as connection:
+                identifier = request_id if isinstance(request_id, uuid.UUID) else uuid.UUID(str(request_id))
+                return await load(connection, identifier)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def wait_for_payload(database_url: str, request_id: Any, timeout: float = 10.0) -> Any:
+    found: Any = None
+
+    def stored() -> bool:
+        nonlocal found
+        found = load_payload(database_url, request_id)
+        return found is not None
+
+    wait_until(stored, timeout=timeout, interval=0.1)
+    return found
 
 
 def wait_for_rows(

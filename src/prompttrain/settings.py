@@ -53,9 +53,16 @@ class Settings(BaseSettings):
     migrate_on_start: str = "auto"
     writer_batch_size: int = Field(default=200, ge=1)
     writer_flush_seconds: float = Field(default=0.05, gt=0)
+    # Metadata records held in memory before the writer spools them to disk (the database is not keeping up).
     writer_queue_size: int = Field(default=10_000, ge=1)
-    # On shutdown, how long to keep trying to write what is queued before giving up.
+    # Bodies held in memory for the database; past this, new bodies are shed (their usage records are kept).
+    writer_payload_memory_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # On shutdown, how long to keep writing what is queued (then metadata goes to the spool).
     writer_shutdown_seconds: float = Field(default=30.0, ge=0)
+    spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
+    store_payloads: bool = True
+    # On SIGTERM, how long in-flight requests (long Claude Code streams) may run before they are cut.
+    shutdown_grace_seconds: float = Field(default=600.0, ge=0)
     data_dir: Path = Path("data")
 
     slack_webhook_url: AnyHttpUrl | None = None

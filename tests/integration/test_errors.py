@@ -139,10 +139,11 @@ def test_dropped_connections_before_a_response_are_retried_twice(
 
 
 def test_rate_limit_and_overload_pass_through_verbatim(
-    start_proxy: ProxyFactory, upstream: FakeUpstream, sqlite_url: str
+    start_proxy: ProxyFactory, upstream: FakeUpstream, sqlite_url: str, request: pytest.FixtureRequest
 ) -> None:
     proxy = start_proxy(sqlite_url)
     client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-user", max_retries=0)
+    request.addfinalizer(client.close)
     upstream.script({"error": {"status": 429, "type": "rate_limit_error", "message": "slow down", "retry_after": 7}})
     with pytest.raises(anthropic.RateLimitError) as limited:
         client.messages.create(**BODY)
@@ -162,13 +163,14 @@ def test_rate_limit_and_overload_pass_through_verbatim(
 
 
 def test_in_band_stream_error_is_recorded_as_a_failure(
-    start_proxy: ProxyFactory, upstream: FakeUpstream, database_url: str
+    start_proxy: ProxyFactory, upstream: FakeUpstream, database_url: str, request: pytest.FixtureRequest
 ) -> None:
     proxy = start_proxy(database_url)
     upstream.script(
         {"content": [{"type": "text", "text": "partial answer that will break"}], "stream_error_after_events": 4}
     )
     client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-user", max_retries=0)
+    request.addfinalizer(client.close)
     with pytest.raises(anthropic.APIStatusError), client.messages.stream(**BODY) as stream:
         stream.get_final_message()
     row = wait_for_rows(database_url, "SELECT * FROM api_requests", 1)[0]

@@ -10,7 +10,7 @@ import httpx
 import orjson
 
 from tests.conftest import ProxyFactory
-from tests.helpers import FakeUpstream, query, wait_for_rows
+from tests.helpers import FakeUpstream, query, wait_for_payload, wait_for_rows
 
 MESSAGES_BODY: dict[str, Any] = {
     "model": "claude-sonnet-5-5",
@@ -41,7 +41,8 @@ def test_non_streaming_reply_reaches_the_sdk_and_is_recorded(
     )
     proxy = start_proxy(database_url)
 
-    message = sdk(proxy.url, **{"x-claude-code-session-id": "session-42"}).messages.create(**MESSAGES_BODY)
+    with sdk(proxy.url, **{"x-claude-code-session-id": "session-42"}) as client:
+        message = client.messages.create(**MESSAGES_BODY)
 
     assert message.content[0].type == "text" and message.content[0].text == "Hello, recorded world."
     rows = wait_for_rows(database_url, "SELECT * FROM api_requests", 1)
@@ -58,11 +59,12 @@ def test_non_streaming_reply_reaches_the_sdk_and_is_recorded(
     assert not row["stream"]
     assert row["session_id"] == "session-42"
     assert row["duration_ms"] > 0 and row["overhead_ms"] is not None
-    assert orjson.loads(row["request_body"]) == MESSAGES_BODY
+    payload = wait_for_payload(database_url, row["request_id"])
+    assert orjson.loads(payload.request_body) == MESSAGES_BODY
     headers = _json(row["request_headers"])
     assert "x-api-key" not in headers and "authorization" not in headers
     assert headers["x-claude-code-session-id"] == "session-42"
-    assert _json(row["response_body"])["content"][0]["text"] == "Hello, recorded world."
+    assert _json(payload.response_body)["content"][0]["text"] == "Hello, recorded world."
     assert "anthropic-ratelimit-unified-5h-utilization" in _json(row["response_headers"])
     dump = str(query(database_url, "SELECT * FROM api_requests"))
     assert "sk-ant-user-own-key" not in dump
@@ -83,7 +85,7 @@ def test_streaming_with_thinking_and_tool_use(
     )
     proxy = start_proxy(database_url)
 
-    with sdk(proxy.url).messages.stream(**MESSAGES_BODY) as stream:
+    with sdk(proxy.url) as client, client.messages.stream(**MESSAGES_BODY) as stream:
         final = stream.get_final_message()
 
     assert [block.type for block in final.content] == ["thinking", "text", "tool_use"]
@@ -94,7 +96,7 @@ def test_streaming_with_thinking_and_tool_use(
     assert (row["input_tokens"], row["output_tokens"], row["tool_call_count"]) == (30, 25, 1)
     assert row["stop_reason"] == "tool_use"
     assert row["first_token_ms"] is not None and row["first_token_ms"] <= row["duration_ms"]
-    stored = _json(row["response_body"])
+    stored = _json(wait_for_payload(database_url, row["request_id"]).response_body)
     without_nulls = {key: value for key, value in stored.items() if value is not None}
     assert without_nulls == final.model_dump(mode="json", exclude_none=True)
 
@@ -149,8 +151,8 @@ def test_other_v1_endpoints_pass_through_and_telemetry_is_dropped(
     start_proxy: ProxyFactory, upstream: FakeUpstream
 ) -> None:
     proxy = start_proxy()
-    client = sdk(proxy.url)
-    count = client.messages.count_tokens(model=MESSAGES_BODY["model"], messages=MESSAGES_BODY["messages"])
+    with sdk(proxy.url) as client:
+        count = client.messages.count_tokens(model=MESSAGES_BODY["model"], messages=MESSAGES_BODY["messages"])
     assert count.input_tokens > 0
     models = httpx.get(f"{proxy.url}/v1/models?limit=5", headers={"x-api-key": "k"})
     assert models.status_code == 200 and models.json()["data"]
@@ -173,7 +175,11 @@ def test_health_endpoints(start_proxy: ProxyFactory, sqlite_url: str) -> None:
 def test_readiness_reflects_an_unreachable_database(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     from tests.helpers import free_port
 
-    proxy = start_proxy(f"postgresql://nobody:nothing@127.0.0.1:{free_port()}/none", migrate_on_start="false", writer_shutdown_seconds=0.5)
+    proxy = start_proxy(
+        f"postgresql://nobody:nothing@127.0.0.1:{free_port()}/none",
+        migrate_on_start="false",
+        writer_shutdown_seconds=0.5,
+    )
     assert httpx.get(f"{proxy.url}/health/live").status_code == 200
     ready = httpx.get(f"{proxy.url}/health/ready")
     assert ready.status_code == 503 and ready.json()["ready"] is False

@@ -6,6 +6,7 @@ from prompttrain.proxy.headers import (
     connection_tokens,
     merge_betas,
     narrow_accept_encoding,
+    recorded_path,
     recorded_request_headers,
     recorded_response_headers,
 )
@@ -41,3 +42,12 @@ def test_recorded_headers_never_include_credentials() -> None:
         [("set-cookie", "s"), ("request-id", "req_1"), ("anthropic-ratelimit-unified-status", "allowed")]
     )
     assert response == {"request-id": "req_1", "anthropic-ratelimit-unified-status": "allowed"}
+
+
+def test_recorded_paths_redact_credential_looking_parameters() -> None:
+    assert recorded_path("/v1/messages", "beta=true") == "/v1/messages?beta=true"
+    assert recorded_path("/v1/models", "") == "/v1/models"
+    assert (
+        recorded_path("/v1/x", "api_key=sk-1&limit=5&access_token=t")
+        == "/v1/x?api_key=[redacted]&limit=5&access_token=[redacted]"
+    )

@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import httpx
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +41,7 @@ from prompttrain.proxy.headers import (
     connection_tokens,
     merge_betas,
     narrow_accept_encoding,
+    recorded_path,
     recorded_request_headers,
 )
 from prompttrain.proxy.oauth import OAuthManager
@@ -48,6 +50,7 @@ from prompttrain.storage.engine import create_engine, database_is_ready
 from prompttrain.storage.migrate import migrate
 from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_or_create_key
 from prompttrain.storage.records import ExchangeRecord, Outcome
+from prompttrain.storage.spool import Spool
 from prompttrain.storage.writer import RequestWriter
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
         Route("/api/event_logging/{rest:path}", drop_event_logging, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/", describe, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
@@ -149,9 +153,12 @@ async def start_state(settings: Settings) -> ProxyState:
         engine = create_engine(settings.database_url)
         writer = RequestWriter(
             engine,
+            Spool(settings.data_dir / "spool", settings.spool_max_bytes),
             batch_size=settings.writer_batch_size,
             flush_seconds=settings.writer_flush_seconds,
-            queue_size=settings.writer_queue_size,
+            metadata_queue_size=settings.writer_queue_size,
+            payload_memory_bytes=settings.writer_payload_memory_bytes,
+            store_payloads=settings.store_payloads,
         )
         writer.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
@@ -270,12 +277,13 @@ async def forward(request: Request) -> Response:
     started = time.perf_counter()
     headers = request.headers
     path = request.url.path
+    query = request.scope.get("query_string", b"").decode("latin-1")
     record = ExchangeRecord(
         request_id=uuid4(),
         started_at=datetime.now(UTC),
         started=started,
         method=request.method,
-        path=path,
+        path=recorded_path(path, query),
         train_id=(headers.get(TRAIN_HEADER) or "").strip() or state.settings.default_train_id,
         request_headers=recorded_request_headers(headers.items()),
         session_id=headers.get(SESSION_HEADER),
@@ -294,12 +302,11 @@ async def forward(request: Request) -> Response:
         record.account_id = resolution.account_id
         body = await read_body(request, state.settings.max_request_body_bytes)
         record.request_body = body
-        if path == "/v1/messages":
+        if path == "/v1/messages" and request.method == "POST":
             inspect_messages_body(body, record)
         else:
             note_model(body, record)
-        query = request.scope.get("query_string", b"")
-        url = state.settings.upstream_base + path + ("?" + query.decode("latin-1") if query else "")
+        url = state.settings.upstream_base + path + ("?" + query if query else "")
         call = UpstreamCall(request.method, url, await upstream_headers(state, request, resolution), body)
         upstream = await open_upstream(state.client, call, record)
     except ProxyError as error:
@@ -349,6 +356,10 @@ async def drop_event_logging(request: Request) -> Response:
     async for _ in request.stream():
         pass
     return JSONResponse({"status": "ok"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def describe(request: Request) -> Response:

@@ -106,3 +106,19 @@ def recorded_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, s
         for name, value in headers
         if name in RECORDED_RESPONSE_HEADERS or name.startswith(RECORDED_RESPONSE_PREFIXES)
     }
+
+
+SECRET_QUERY_NAMES = ("key", "token", "secret", "auth", "password", "signature")
+
+
+def recorded_path(path: str, query: str) -> str:
+    """The path and query as recorded: values of parameters that look like credentials are redacted."""
+    if not query:
+        return path
+    parts = []
+    for part in query.split("&"):
+        name, separator, _ = part.partition("=")
+        if separator and any(word in name.lower() for word in SECRET_QUERY_NAMES):
+            part = f"{name}=[redacted]"
+        parts.append(part)
+    return f"{path}?{'&'.join(parts)}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ import orjson
 
 from prompttrain.conversation.stream import summarise_stream
 from prompttrain.conversation.usage import tool_calls_of, usage_of
+from prompttrain.storage.content import split_body
 
 MAX_ERROR_MESSAGE = 2000
 
@@ -59,6 +61,22 @@ class ExchangeRecord:
     error_type: str | None = None
     error_message: str | None = None
     response_override: dict[str, Any] | None = None  # a proxy-generated error body
+    payload_shed: bool = False
+    accounted_bytes: int = 0  # what the writer's payload budget counted for this record
+
+    @property
+    def size(self) -> int:
+        """Bytes held in memory for this record (what payload shedding budgets)."""
+        return len(self.request_body or b"") + sum(len(chunk) for _, chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class PayloadRow:
+    """The bodies of one request, ready for `request_payloads`, plus the content blobs they reference."""
+
+    row: dict[str, Any]
+    blobs: Mapping[bytes, str]
+    size: int
 
 
 def _decompress(body: bytes, encoding: str) -> bytes:
@@ -79,8 +97,50 @@ def _millis(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000.0, 3)
 
 
+def build_rows(record: ExchangeRecord, *, keep_payload: bool = True) -> tuple[dict[str, Any], PayloadRow | None]:
+    """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
+    row, message = _metadata_row(record)
+    if record.payload_shed or not keep_payload:
+        row["payload_shed"] = record.payload_shed
+        return row, None
+    return row, payload_row(record, message)
+
+
 def build_row(record: ExchangeRecord) -> dict[str, Any]:
-    """Turn a captured exchange into an `api_requests` row. Pure CPU work; never raises on bad payloads."""
+    """The `api_requests` row plus `response_body` (the rebuilt message): what tests and tools inspect."""
+    row, message = _metadata_row(record)
+    return {**row, "response_body": message}
+
+
+def payload_row(record: ExchangeRecord, message: dict[str, Any] | None) -> PayloadRow:
+    body = record.request_body
+    split = split_body(body) if body else None
+    row: dict[str, Any] = {
+        "request_id": record.request_id,
+        "timestamp": record.started_at,
+        "request_template": None,
+        "system_refs": None,
+        "tools_refs": None,
+        "message_refs": None,
+        "raw_request_body": None,
+        "response_body": message,
+    }
+    blobs: Mapping[bytes, str] = {}
+    if split is not None:
+        row.update(
+            request_template=split.template,
+            system_refs=split.system_refs,
+            tools_refs=split.tools_refs,
+            message_refs=split.message_refs,
+        )
+        blobs = split.blobs
+    elif body is not None:
+        row["raw_request_body"] = body.decode("utf-8", "replace")
+    return PayloadRow(row=row, blobs=blobs, size=record.size)
+
+
+def _metadata_row(record: ExchangeRecord) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Pure CPU work; never raises on bad payloads."""
     message: dict[str, Any] | None = record.response_override
     first_token: float | None = None
     outcome, error_type, error_message = record.outcome, record.error_type, record.error_message
@@ -117,7 +177,7 @@ def build_row(record: ExchangeRecord) -> dict[str, Any]:
     usage = usage_of(message) if status is not None and status < 400 else usage_of(None)
     tools = tool_calls_of(message) if status is not None and status < 400 else []
     upstream_usage = message.get("usage") if isinstance(message, dict) else None
-    return {
+    row = {
         "request_id": record.request_id,
         "timestamp": record.started_at,
         "train_id": record.train_id,
@@ -145,9 +205,10 @@ def build_row(record: ExchangeRecord) -> dict[str, Any]:
         "upstream_request_id": record.response_headers.get("request-id"),
         "request_headers": record.request_headers,
         "response_headers": record.response_headers or None,
-        "request_body": record.request_body.decode("utf-8", "replace") if record.request_body is not None else None,
-        "response_body": message,
+        "request_bytes": len(record.request_body or b""),
+        "payload_shed": False,
     }
+    return row, message
 
 
 def _safe_decompress(body: bytes, encoding: str) -> bytes:

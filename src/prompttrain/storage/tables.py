@@ -16,11 +16,13 @@ metadata = sa.MetaData(
 # JSONB on PostgreSQL (indexable, compressed in TOAST), JSON text on SQLite.
 JsonDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
+# Request metadata: one row per request, never dropped. On PostgreSQL partitioned by day on `timestamp` (see
+# storage/partitions.py), hence the composite primary key; request ids are UUIDv4, unique on their own.
 api_requests = sa.Table(
     "api_requests",
     metadata,
     sa.Column("request_id", sa.Uuid(), primary_key=True),
-    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("timestamp", sa.DateTime(timezone=True), primary_key=True),
     sa.Column("train_id", sa.String(255), nullable=False),
     sa.Column("account_id", sa.String(255)),
     sa.Column("method", sa.String(16), nullable=False),
@@ -28,7 +30,7 @@ api_requests = sa.Table(
     sa.Column("model", sa.String(255)),
     sa.Column("stream", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("status_code", sa.Integer()),
-    # completed | upstream_error | stream_error | client_disconnected | timeout | unreachable | rejected
+    # completed | upstream_error | stream_error | client_disconnected | timeout | unreachable | rejected | interrupted
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("error_type", sa.String(100)),
     sa.Column("error_message", sa.Text()),
@@ -47,14 +49,43 @@ api_requests = sa.Table(
     sa.Column("upstream_request_id", sa.String(255)),
     sa.Column("request_headers", JsonDocument),
     sa.Column("response_headers", JsonDocument),
-    # The request body exactly as the client sent it (text, not JSONB, so key order and spacing survive).
-    sa.Column("request_body", sa.Text()),
-    # The response message: the upstream JSON, or the message rebuilt from the SSE stream.
-    sa.Column("response_body", JsonDocument),
+    sa.Column("request_bytes", sa.Integer(), nullable=False, server_default="0"),
+    # True when the bodies were not kept (shed under pressure); the usage above is complete regardless.
+    sa.Column("payload_shed", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Index(None, "timestamp"),
     sa.Index(None, "train_id", "timestamp"),
     sa.Index(None, "account_id", "timestamp"),
     sa.Index(None, "session_id"),
+    postgresql_partition_by="RANGE (timestamp)",
+)
+
+# The bodies of a request, kept apart so that list queries never touch them and they can expire sooner.
+request_payloads = sa.Table(
+    "request_payloads",
+    metadata,
+    sa.Column("request_id", sa.Uuid(), primary_key=True),
+    sa.Column("timestamp", sa.DateTime(timezone=True), primary_key=True),
+    # The request body as a template plus references to content_blobs (storage/content.py) ...
+    sa.Column("request_template", sa.Text()),
+    sa.Column("system_refs", sa.LargeBinary()),
+    sa.Column("tools_refs", sa.LargeBinary()),
+    sa.Column("message_refs", sa.LargeBinary()),
+    # ... or, when the body does not split and round-trip exactly, the body as sent.
+    sa.Column("raw_request_body", sa.Text()),
+    # The response message: the upstream JSON, or the message rebuilt from the SSE stream.
+    sa.Column("response_body", JsonDocument),
+    postgresql_partition_by="RANGE (timestamp)",
+)
+
+# Messages, system prompts and tool lists, stored once, keyed by the SHA-256 of their canonical JSON.
+content_blobs = sa.Table(
+    "content_blobs",
+    metadata,
+    sa.Column("digest", sa.LargeBinary(32), primary_key=True),
+    sa.Column("content", sa.Text(), nullable=False),
+    # Refreshed (at most daily) whenever a request references the blob; payload retention deletes stale blobs.
+    sa.Column("last_seen", sa.Date(), nullable=False),
+    sa.Index(None, "last_seen"),
 )
 
 oauth_tokens = sa.Table(

@@ -1,8 +1,17 @@
-"""The background writer: the request path hands over records, one task batches them into INSERTs.
+"""The background writer: two lanes from the request path to the database, neither able to slow a request.
 
-`submit` never blocks and never raises, so recording can neither slow nor fail a client's response. Inserts are
-idempotent (ON CONFLICT (request_id) DO NOTHING), so a batch retried after an ambiguous failure, or written by two
-replicas, is stored once. While the database is unreachable the writer keeps the batch and retries with backoff.
+`submit` (the only call on the request path) appends the captured exchange to an in-memory intake and returns; it
+never blocks, never raises and never touches the disk or the database. Three tasks do the rest:
+
+- the converter parses intakes in a worker thread into a metadata row (`api_requests`) and a payload row
+  (`request_payloads` + content blobs);
+- the metadata lane never drops a row: it batches inserts, and when the database is unavailable (or the lane backs
+  up) it appends rows to the fsync'd local spool and replays them in order once the database answers again;
+- the payload lane may shed bodies under pressure (memory budget exceeded while the database is slow or down):
+  each shed is counted and marked on its metadata row (`payload_shed`).
+
+Every write is idempotent (ON CONFLICT DO NOTHING on the request id and timestamp), so a retried batch, a replayed
+spool or two replicas never store a row twice.
 """
 
 from __future__ import annotations
@@ -11,130 +20,412 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from datetime import UTC, date, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from prompttrain.storage.records import ExchangeRecord, build_row
-from prompttrain.storage.tables import api_requests
+from prompttrain import metrics
+from prompttrain.storage.partitions import ensure_partitions
+from prompttrain.storage.records import ExchangeRecord, PayloadRow, build_rows
+from prompttrain.storage.spool import Spool
+from prompttrain.storage.tables import api_requests, content_blobs, request_payloads
 
 log = logging.getLogger(__name__)
+
+REPLAY_BATCH = 500
+PAYLOAD_BATCH_BYTES = 8 * 1024 * 1024
+KNOWN_BLOBS = 100_000
+MAX_BACKOFF_SECONDS = 5.0
+PARTITION_CHECK_SECONDS = 3600.0
 
 
 class RequestWriter:
     def __init__(
         self,
         engine: AsyncEngine,
+        spool: Spool,
         *,
         batch_size: int = 200,
         flush_seconds: float = 0.05,
-        queue_size: int = 10_000,
+        metadata_queue_size: int = 10_000,
+        payload_memory_bytes: int = 256 * 1024 * 1024,
+        store_payloads: bool = True,
     ) -> None:
         self.engine = engine
+        self.spool = spool
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
-        self.queue: asyncio.Queue[ExchangeRecord] = asyncio.Queue(maxsize=queue_size)
-        self.dropped = 0
-        self.written = 0
-        self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.metadata_queue_size = metadata_queue_size
+        self.payload_memory_bytes = payload_memory_bytes
+        self.store_payloads = store_payloads
+        self._intake: deque[ExchangeRecord] = deque()
+        self._metadata: deque[dict[str, Any]] = deque()  # spool entries: {"op": "insert", "row"} or shed marks
+        self._payloads: deque[PayloadRow] = deque()
+        self._payload_bytes = 0  # intake bodies + payload lane
+        self._intake_ready = asyncio.Event()
+        self._metadata_ready = asyncio.Event()
+        self._payloads_ready = asyncio.Event()
+        self._spooling = not spool.is_empty()
+        self._known_blobs: OrderedDict[bytes, date] = OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy = 0  # records the converter and lanes hold outside the deques right now
+        self._database_down = False
+        if self._spooling:
+            log.info("the spool holds records from an earlier run: replaying them")
+            self._metadata_ready.set()
+
+    # -- the request path ---------------------------------------------------------------------------------------
 
     def submit(self, record: ExchangeRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-            self._idle.clear()
-        except asyncio.QueueFull:
-            self.dropped += 1
-            log.error("writer queue full (%d records): dropped request %s", self.queue.maxsize, record.request_id)
+        size = record.size
+        if self._payload_bytes + size > self.payload_memory_bytes:
+            self._shed(record)
+        else:
+            record.accounted_bytes = size
+            self._payload_bytes += size
+        self._intake.append(record)
+        self._intake_ready.set()
+
+    def _shed(self, record: ExchangeRecord) -> None:
+        # Keep the response chunks (small, they carry the usage); drop the request body, the bulk.
+        record.payload_shed = True
+        record.request_body = None
+        metrics.PAYLOADS_SHED.inc()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="request-writer")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._convert_forever(), name="writer-convert"),
+                asyncio.create_task(self._metadata_forever(), name="writer-metadata"),
+                asyncio.create_task(self._payloads_forever(), name="writer-payloads"),
+                asyncio.create_task(self._partitions_forever(), name="writer-partitions"),
+            ]
+
+    @property
+    def pending(self) -> int:
+        return len(self._intake) + len(self._metadata) + len(self._payloads) + self._busy
+
+    def _settled(self) -> bool:
+        if self._intake or self._busy:
+            return False
+        if self._database_down:
+            return not self._metadata  # metadata is safe in the spool; payloads cannot be written anyway
+        return not (self._metadata or self._payloads or self._spooling)
 
     async def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything submitted so far is written; False if the timeout passed first."""
+        """Wait until everything submitted is in the database — or, while it is down, in the spool.
+
+        Returns False if the timeout passed first.
+        """
         deadline = time.monotonic() + timeout
-        while not (self.queue.empty() and self._idle.is_set()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while not self._settled():
+            if time.monotonic() >= deadline:
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout=min(remaining, 0.05))
-        return True
+            await asyncio.sleep(0.02)
+        return not (self._payloads or self._metadata or self._intake)
 
     async def stop(self, timeout: float = 30.0) -> None:
+        """Write what is queued within `timeout`; then spool leftover metadata and shed leftover payloads."""
+        for _ in range(3):  # let cancelled responses hand over their records first
+            await asyncio.sleep(0)
         flushed = await self.flush(timeout)
-        if not flushed:
-            log.error("writer stopped with %d records still queued", self.queue.qsize())
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
+        if flushed:
+            return
+        leftovers = []
+        for record in self._intake:
+            record.payload_shed = True
+            metrics.PAYLOADS_SHED.inc()
+            leftovers.append(_spool_entry(build_rows(record, keep_payload=False)[0]))
+        leftovers.extend(self._metadata)
+        for payload in self._payloads:
+            metrics.PAYLOADS_SHED.inc()
+            leftovers.append(_shed_mark(payload.row))
+        self._intake.clear()
+        self._metadata.clear()
+        self._payloads.clear()
+        if leftovers:
+            lost = await asyncio.to_thread(self.spool.append, leftovers)
+            metrics.RECORDS_SPOOLED.inc(len(leftovers) - lost)
+            metrics.RECORDS_LOST.inc(lost)
+            log.warning("shutdown: %d records spooled for the next start", len(leftovers) - lost)
 
-    async def _run(self) -> None:
+    # -- converter ----------------------------------------------------------------------------------------------
+
+    async def _convert_forever(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            self._idle.clear()
-            deadline = time.monotonic() + self.flush_seconds
-            while len(batch) < self.batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            await self._intake_ready.wait()
+            self._intake_ready.clear()
+            while self._intake:
+                batch = [self._intake.popleft() for _ in range(min(len(self._intake), self.batch_size))]
+                self._busy += 1
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout=remaining))
-                except TimeoutError:
-                    break
-            await self._write_with_retry(batch)
-            if self.queue.empty():
-                self._idle.set()
+                    converted = await asyncio.to_thread(_convert, batch, self.store_payloads)
+                    for record, (row, payload) in zip(batch, converted, strict=True):
+                        self._payload_bytes -= record.accounted_bytes
+                        if payload is not None:
+                            if self._payload_bytes + payload.size > self.payload_memory_bytes:
+                                row["payload_shed"] = True
+                                metrics.PAYLOADS_SHED.inc()
+                            else:
+                                self._payload_bytes += payload.size
+                                self._payloads.append(payload)
+                        self._metadata.append(_spool_entry(row))
+                finally:
+                    self._busy -= 1
+                self._metadata_ready.set()
+                self._payloads_ready.set()
+                self._report_depth()
 
-    async def _write_with_retry(self, batch: Sequence[ExchangeRecord]) -> None:
-        rows = await asyncio.to_thread(_rows_of, batch)
+    # -- metadata lane ------------------------------------------------------------------------------------------
+
+    async def _metadata_forever(self) -> None:
         delay = 0.2
         while True:
+            if not self._metadata and not self._spooling:
+                await self._metadata_ready.wait()
+                self._metadata_ready.clear()
+                await asyncio.sleep(self.flush_seconds)  # gather a batch
+                continue
+            if len(self._metadata) > self.metadata_queue_size and not self._spooling:
+                log.warning("the database is not keeping up: spooling %d records", len(self._metadata))
+                self._spooling = True
+            if self._spooling:
+                await self._spool_queued()
+                if await self._replay_once():
+                    delay = 0.2
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                continue
+            batch = [self._metadata.popleft() for _ in range(min(len(self._metadata), self.batch_size))]
+            self._busy += len(batch)
             try:
-                await self.insert_rows(rows)
-                self.written += len(rows)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - classified below; the rows are never silently lost
-                if not is_transient(error):
+                await self._apply_entries(batch)
+                self._database_down = False
+            except Exception as error:  # noqa: BLE001 - classified: transient -> spool, refused -> isolate
+                if is_transient(error):
+                    log.warning("database unavailable (%s): spooling records", describe(error))
+                    self._metadata.extendleft(reversed(batch))
+                    self._spooling = self._database_down = True
+                else:
                     log.error("the database refused a batch (%s); writing its rows one by one", describe(error))
-                    await self._write_one_by_one(rows)
-                    return
-                log.warning(
-                    "could not write %d request records (%s); retrying in %.1fs", len(rows), describe(error), delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                    await self._apply_one_by_one(batch)
+            finally:
+                self._busy -= len(batch)
+                self._report_depth()
 
-    async def _write_one_by_one(self, rows: list[dict[str, Any]]) -> None:
-        """Isolate the row the database refuses; store it without its payloads rather than not at all."""
-        for row in rows:
-            for attempt in (row, _without_payloads(row)):
-                try:
-                    await self.insert_rows([attempt])
-                    self.written += 1
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - reported; the next variant is tried
-                    log.error("the database refused request %s (%s)", row["request_id"], describe(error))
-            else:
-                self.dropped += 1
+    async def _spool_queued(self) -> None:
+        if not self._metadata:
+            return
+        entries = list(self._metadata)
+        self._metadata.clear()
+        self._busy += len(entries)
+        try:
+            lost = await asyncio.to_thread(self.spool.append, entries)
+        finally:
+            self._busy -= len(entries)
+        metrics.RECORDS_SPOOLED.inc(len(entries) - lost)
+        metrics.RECORDS_LOST.inc(lost)
+        self._report_depth()
 
-    async def insert_rows(self, rows: list[dict[str, Any]]) -> None:
-        dialect = self.engine.dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(api_requests).on_conflict_do_nothing(index_elements=["request_id"])
+    async def _replay_once(self) -> bool:
+        """Write the oldest spool segment; True if the spool moved forward (or is now empty)."""
+        oldest = await asyncio.to_thread(self.spool.oldest)
+        if oldest is None:
+            self._spooling = False
+            log.info("spool replayed; writing directly again")
+            return True
+        path, entries = oldest
+        try:
+            for start in range(0, len(entries), REPLAY_BATCH):
+                await self._apply_entries(entries[start : start + REPLAY_BATCH])
+        except Exception as error:  # noqa: BLE001 - transient: the database is still unavailable
+            if is_transient(error):
+                self._database_down = True
+                return False
+            log.error("the database refused spooled records (%s); writing them one by one", describe(error))
+            await self._apply_one_by_one(entries)
+        self._database_down = False
+        await asyncio.to_thread(self.spool.remove, path)
+        replayed = sum(1 for entry in entries if entry.get("op") == "insert")
+        metrics.RECORDS_REPLAYED.inc(replayed)
+        log.info("replayed %d spooled records", replayed)
+        self._report_depth()
+        return True
+
+    async def _apply_entries(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Inserts first, then shed marks (a mark always follows its row's insert), in one transaction."""
+        rows = [_decode_row(entry["row"]) for entry in entries if entry.get("op") == "insert"]
+        marks = [entry for entry in entries if entry.get("op") == "shed"]
         async with self.engine.begin() as connection:
-            await connection.execute(statement, rows)
+            if rows:
+                await connection.execute(_insert(connection, api_requests), rows)
+            for mark in marks:
+                await connection.execute(
+                    sa.update(api_requests)
+                    .where(api_requests.c.request_id == uuid.UUID(str(mark["request_id"])))
+                    .where(api_requests.c.timestamp == datetime.fromisoformat(str(mark["timestamp"])))
+                    .values(payload_shed=True)
+                )
+        metrics.RECORDS_WRITTEN.labels("metadata").inc(len(rows))
+
+    async def _apply_one_by_one(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Isolate what the database refuses; store a row without its headers rather than not at all."""
+        for entry in entries:
+            attempts = [entry]
+            if entry.get("op") == "insert":
+                stripped = {**entry["row"], "request_headers": None, "response_headers": None, "usage": None}
+                attempts.append({"op": "insert", "row": stripped})
+            for attempt in attempts:
+                try:
+                    await self._apply_entries([attempt])
+                    break
+                except Exception as error:  # noqa: BLE001 - reported; the next variant is tried
+                    log.error("the database refused a record (%s)", describe(error))
+            else:
+                metrics.RECORDS_LOST.inc()
+
+    # -- payload lane -------------------------------------------------------------------------------------------
+
+    async def _payloads_forever(self) -> None:
+        delay = 0.2
+        while True:
+            if not self._payloads:
+                await self._payloads_ready.wait()
+                self._payloads_ready.clear()
+                continue
+            batch: list[PayloadRow] = []
+            size = 0
+            while self._payloads and len(batch) < self.batch_size and size < PAYLOAD_BATCH_BYTES:
+                payload = self._payloads.popleft()
+                batch.append(payload)
+                size += payload.size
+            self._busy += len(batch)
+            retry = False
+            try:
+                await self._insert_payloads(batch)
+                metrics.RECORDS_WRITTEN.labels("payload").inc(len(batch))
+                self._payload_bytes -= size
+                self._database_down = False
+                delay = 0.2
+            except Exception as error:  # noqa: BLE001 - transient: keep and retry; refused: shed and mark
+                if is_transient(error):
+                    self._payloads.extendleft(reversed(batch))
+                    self._database_down = retry = True
+                else:
+                    log.error("the database refused %d payloads (%s); shedding them", len(batch), describe(error))
+                    self._payload_bytes -= size
+                    for payload in batch:
+                        metrics.PAYLOADS_SHED.inc()
+                        self._metadata.append(_shed_mark(payload.row))
+                    self._metadata_ready.set()
+            finally:
+                self._busy -= len(batch)
+                self._report_depth()
+            if retry:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+    async def _insert_payloads(self, batch: list[PayloadRow]) -> None:
+        today = datetime.now(UTC).date()
+        blobs: dict[bytes, str] = {}
+        for payload in batch:
+            for digest, content in payload.blobs.items():
+                if self._known_blobs.get(digest) != today:
+                    blobs[digest] = content
+        async with self.engine.begin() as connection:
+            if blobs:
+                statement = _insert(connection, content_blobs)
+                await connection.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["digest"],
+                        set_={"last_seen": statement.excluded.last_seen},
+                        where=content_blobs.c.last_seen < statement.excluded.last_seen,
+                    ),
+                    [{"digest": digest, "content": content, "last_seen": today} for digest, content in blobs.items()],
+                )
+            await connection.execute(
+                _insert(connection, request_payloads).on_conflict_do_nothing(), [payload.row for payload in batch]
+            )
+        for digest in blobs:
+            self._known_blobs[digest] = today
+            self._known_blobs.move_to_end(digest)
+        while len(self._known_blobs) > KNOWN_BLOBS:
+            self._known_blobs.popitem(last=False)
+
+    # -- housekeeping -------------------------------------------------------------------------------------------
+
+    async def _partitions_forever(self) -> None:
+        while True:
+            try:
+                await ensure_partitions(self.engine)
+            except Exception as error:  # noqa: BLE001 - rows still land in the DEFAULT partition
+                log.warning("could not create partitions (%s)", describe(error))
+            await asyncio.sleep(PARTITION_CHECK_SECONDS)
+
+    def _report_depth(self) -> None:
+        metrics.WRITER_QUEUE_DEPTH.labels("intake").set(len(self._intake))
+        metrics.WRITER_QUEUE_DEPTH.labels("metadata").set(len(self._metadata))
+        metrics.WRITER_QUEUE_DEPTH.labels("payload").set(len(self._payloads))
+        metrics.WRITER_QUEUE_BYTES.set(self._payload_bytes)
+        metrics.SPOOL_BYTES.set(self.spool.size() if self._spooling else 0)
+
+
+def _insert(connection: AsyncConnection, table: sa.Table) -> Any:
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(table)
+    if table is api_requests:
+        return statement.on_conflict_do_nothing(index_elements=["request_id", "timestamp"])
+    return statement
+
+
+def _convert(batch: Sequence[ExchangeRecord], store_payloads: bool) -> list[tuple[dict[str, Any], PayloadRow | None]]:
+    converted = []
+    for record in batch:
+        try:
+            converted.append(build_rows(record, keep_payload=store_payloads))
+        except Exception:  # a parsing bug must not lose the usage record
+            log.exception("could not parse request %s; storing it without its response", record.request_id)
+            record.chunks = []
+            converted.append(build_rows(record, keep_payload=False))
+    return converted
+
+
+def _spool_entry(row: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "insert", "row": row}
+
+
+def _shed_mark(payload_row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "op": "shed",
+        "request_id": str(payload_row["request_id"]),
+        "timestamp": payload_row["timestamp"].isoformat(),
+    }
+
+
+def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Rows read back from the spool carry their id and timestamp as strings."""
+    request_id, timestamp = row["request_id"], row["timestamp"]
+    return {
+        **row,
+        "request_id": request_id if isinstance(request_id, uuid.UUID) else uuid.UUID(request_id),
+        "timestamp": timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp),
+    }
 
 
 def is_transient(error: BaseException) -> bool:
@@ -148,24 +439,5 @@ def is_transient(error: BaseException) -> bool:
 def describe(error: BaseException) -> str:
     """The error's class and first line, short: enough to act on, too short to carry a payload."""
     original = getattr(error, "orig", None) or error
-    first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
-    return f"{type(original).__name__}: {first_line[:200]}"
-
-
-PAYLOAD_COLUMNS = ("request_body", "response_body", "request_headers", "response_headers", "usage")
-
-
-def _without_payloads(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, **dict.fromkeys(PAYLOAD_COLUMNS)}
-
-
-def _rows_of(batch: Sequence[ExchangeRecord]) -> list[dict[str, Any]]:
-    rows = []
-    for record in batch:
-        try:
-            rows.append(build_row(record))
-        except Exception:  # a bug in parsing must not lose the usage record
-            log.exception("could not parse request %s; storing it without its response", record.request_id)
-            record.chunks = []
-            rows.append(build_row(record))
-    return rows
+    text = str(original).strip()
+    return f"{type(original).__name__}: {text.splitlines()[0][:200] if text else ''}"

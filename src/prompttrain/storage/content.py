@@ -1,0 +1,106 @@
+"""Content-addressed request bodies: every message, the system prompt and the tool list are stored once.
+
+Claude Code resends the whole conversation every turn (about 200 KB a request, up to megabytes), so storing each
+body whole grows quadratically with a conversation. Instead a body is split into:
+
+- blobs: each message, each block of `system` and each tool, keyed by the SHA-256 of their canonical JSON (sorted
+  keys), stored once however many requests carry them (per block, because Claude Code's first system block, a
+  billing header, changes between sessions while the long prompt blocks and tool definitions do not);
+- a template: the body with those keys kept in place (what is unique to the request): `messages` and a list
+  `system`/`tools` become `[]`, a string `system` becomes null;
+- references: the blob digests, in order.
+
+`join_body` rebuilds the exact bytes: `split_body` checks the round trip and returns None when the body would not
+come back byte for byte (unusual spacing, key order or number formatting), in which case the raw body is stored.
+Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+DIGEST_SIZE = 32
+ADDRESSED_KEYS = ("system", "tools")
+
+
+@dataclass(frozen=True)
+class SplitBody:
+    template: str
+    system_refs: bytes | None  # concatenated 32-byte digests (one for a string system prompt)
+    tools_refs: bytes | None
+    message_refs: bytes
+    blobs: Mapping[bytes, str]  # digest -> the JSON of the value as sent
+
+
+def digest_of(value: Any) -> bytes:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def split_body(raw: bytes) -> SplitBody | None:
+    """Split a Messages request body, or None if it is not a JSON object that round-trips exactly."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    blobs: dict[bytes, str] = {}
+
+    def address(value: Any) -> bytes:
+        digest = digest_of(value)
+        blobs.setdefault(digest, orjson.dumps(value).decode("utf-8"))
+        return digest
+
+    template = dict(body)
+    refs: dict[str, bytes | None] = {}
+    for key in ("messages", *ADDRESSED_KEYS):
+        value = body.get(key)
+        if key not in body:
+            refs[key] = None
+        elif isinstance(value, list):
+            refs[key] = b"".join(address(item) for item in value)
+            template[key] = []
+        else:
+            refs[key] = address(value)
+            template[key] = None
+    split = SplitBody(
+        template=orjson.dumps(template).decode("utf-8"),
+        system_refs=refs["system"],
+        tools_refs=refs["tools"],
+        message_refs=refs["messages"] or b"",
+        blobs=blobs,
+    )
+    if join_body(split.template, split.system_refs, split.tools_refs, split.message_refs, blobs) != raw:
+        return None
+    return split
+
+
+def digests(refs: bytes | None) -> list[bytes]:
+    refs = refs or b""
+    return [refs[i : i + DIGEST_SIZE] for i in range(0, len(refs), DIGEST_SIZE)]
+
+
+def join_body(
+    template: str,
+    system_refs: bytes | None,
+    tools_refs: bytes | None,
+    message_refs: bytes,
+    blobs: Mapping[bytes, str],
+) -> bytes:
+    """Rebuild the body bytes from a template, its references and the blobs (KeyError if a blob is missing)."""
+    body = orjson.loads(template)
+    for key, refs in (("messages", message_refs), ("system", system_refs), ("tools", tools_refs)):
+        if key not in body or refs is None:
+            continue
+        values = [orjson.loads(blobs[digest]) for digest in digests(refs)]
+        body[key] = values if isinstance(body[key], list) else values[0]
+    return orjson.dumps(body)
+
+
+def referenced(system_refs: bytes | None, tools_refs: bytes | None, message_refs: bytes | None) -> set[bytes]:
+    return {*digests(message_refs), *digests(system_refs), *digests(tools_refs)}
