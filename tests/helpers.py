@@ -186,3 +186,90 @@ def services(*started: Service) -> Iterator[None]:
     finally:
         for service in started:
             service.stop()
+
+
+class TcpRelay:
+    """A TCP relay in front of a real server (PostgreSQL) that a test can cut and restore: a network outage.
+
+    Cut: every open connection is reset and new ones are refused (the listening socket is closed), which is what a
+    client sees when the database server goes away.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.restore()
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.close()
+            return
+        self._writers.update({client_writer, server_writer})
+        try:
+            await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer))
+        finally:
+            self._writers.discard(client_writer)
+            self._writers.discard(server_writer)
+
+    async def _start(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            transport = writer.transport
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self._call(self._start())
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """A sample's value from a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        series, _, label_text = sample.partition("{")
+        if series == name and (not labels or label_text.rstrip("}") == wanted):
+            total += float(value)
+    return total

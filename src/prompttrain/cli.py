@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -67,38 +67,68 @@ def server_config(app: Any, host: str, port: int, settings: Settings, *, relay: 
         access_log=False,
         lifespan="on",
         timeout_keep_alive=75,
-        timeout_graceful_shutdown=int(settings.upstream_read_timeout_seconds),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=not relay,
         date_header=not relay,
     )
 
 
-async def serve_all(configs: Sequence[uvicorn.Config]) -> None:
+async def serve_all(configs: Sequence[uvicorn.Config], drain_delay: float = 0.0) -> None:
+    """Serve several apps on one loop. SIGTERM/SIGINT: report not-ready at once (`app.state.draining`), wait
+    `drain_delay` seconds for load balancers to notice, then stop accepting and let in-flight requests finish
+    (uvicorn's graceful shutdown, bounded by SHUTDOWN_GRACE_SECONDS). A second signal exits immediately."""
     servers = [_Server(config) for config in configs]
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
 
-    def stop() -> None:
+    async def drain_then_stop() -> None:
+        for config in configs:
+            state = getattr(config.app, "state", None)
+            if state is not None:
+                state.draining = True
+        if drain_delay:
+            log.info("draining: not ready, stopping in %.0fs", drain_delay)
+            await asyncio.sleep(drain_delay)
         for server in servers:
             server.should_exit = True
 
+    def on_signal() -> None:
+        if stopping:
+            for server in servers:
+                server.force_exit = True
+            return
+        stopping.append(loop.create_task(drain_then_stop()))
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
+        loop.add_signal_handler(signum, on_signal)
     await asyncio.gather(*(server.serve() for server in servers))
     if any(not server.started for server in servers):
         raise SystemExit(1)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (measurably less CPU per proxied request), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def run_proxy(settings: Settings) -> None:
     from prompttrain.proxy.app import create_app
 
-    asyncio.run(serve_all([server_config(create_app(settings), settings.host, settings.port, settings, relay=True)]))
+    config = server_config(create_app(settings), settings.host, settings.port, settings, relay=True)
+    run_event_loop(serve_all([config], settings.shutdown_delay_seconds))
 
 
 def run_dashboard(settings: Settings) -> None:
     from prompttrain.dashboard.app import create_app
 
     config = server_config(create_app(settings), settings.host, settings.dashboard_port, settings)
-    asyncio.run(serve_all([config]))
+    run_event_loop(serve_all([config]))
 
 
 def run_up(settings: Settings) -> None:
@@ -119,10 +149,11 @@ def run_up(settings: Settings) -> None:
             [
                 server_config(create_proxy(settings), settings.host, settings.port, settings, relay=True),
                 server_config(create_dashboard(settings), settings.host, settings.dashboard_port, settings),
-            ]
+            ],
+            settings.shutdown_delay_seconds,
         )
 
-    asyncio.run(main())
+    run_event_loop(main())
 
 
 def run_migrate(settings: Settings, wait_seconds: float) -> None:

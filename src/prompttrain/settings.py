@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     store_payloads: bool = True
     # On SIGTERM, how long in-flight requests (long Claude Code streams) may run before they are cut.
     shutdown_grace_seconds: float = Field(default=600.0, ge=0)
+    # On SIGTERM, how long to keep serving while reporting not-ready, so load balancers stop sending first.
+    shutdown_delay_seconds: float = Field(default=0.0, ge=0)
     data_dir: Path = Path("data")
 
     slack_webhook_url: AnyHttpUrl | None = None

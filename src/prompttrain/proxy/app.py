@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from uuid import uuid4
 
-import httpx
+import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,7 +30,14 @@ from prompttrain.proxy.errors import (
     UpstreamTimeoutError,
     UpstreamUnreachableError,
 )
-from prompttrain.proxy.forwarding import ErrorResponse, UpstreamCall, UpstreamResponse, open_upstream
+from prompttrain.proxy.forwarding import (
+    ErrorResponse,
+    UpstreamCall,
+    UpstreamResponse,
+    create_upstream_session,
+    open_upstream,
+    outbound_proxy,
+)
 from prompttrain.proxy.headers import (
     ACCOUNT_HEADER,
     CLIENT_CREDENTIAL_HEADERS,
@@ -61,7 +68,7 @@ READINESS_CACHE_SECONDS = 1.0
 @dataclass
 class ProxyState:
     settings: Settings
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     oauth: OAuthManager
     engine: AsyncEngine | None
     writer: RequestWriter | None
@@ -69,6 +76,7 @@ class ProxyState:
     snapshot: CredentialSnapshot = EMPTY_SNAPSHOT
     cooldowns: CooldownTable = field(default_factory=CooldownTable)
     accepting: bool = True
+    upstream_proxy: str | None = None
     _ready_checked_at: float = -1e9
     _database_ready: bool = False
 
@@ -130,20 +138,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/", describe, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.draining = False  # set by the server on SIGTERM: readiness fails while in-flight work finishes
+    return app
 
 
 async def start_state(settings: Settings) -> ProxyState:
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.upstream_connect_timeout_seconds,
-            read=settings.upstream_read_timeout_seconds,
-            write=60.0,
-            pool=settings.upstream_connect_timeout_seconds,
-        ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=200, keepalive_expiry=60.0),
-        follow_redirects=False,
-    )
+    client = create_upstream_session(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
     engine: AsyncEngine | None = None
     writer: RequestWriter | None = None
     store: OAuthTokenStore | None = None
@@ -177,6 +178,7 @@ async def start_state(settings: Settings) -> ProxyState:
         engine=engine,
         writer=writer,
         credentials=CredentialDirectory(settings.credentials_dir),
+        upstream_proxy=outbound_proxy(settings.upstream_base),
     )
     await state.reload_credentials()
     log.info(
@@ -192,7 +194,7 @@ async def start_state(settings: Settings) -> ProxyState:
 async def stop_state(state: ProxyState) -> None:
     if state.writer is not None:
         await state.writer.stop(state.settings.writer_shutdown_seconds)
-    await state.client.aclose()
+    await state.client.close()
     if state.engine is not None:
         await state.engine.dispose()
 
@@ -219,6 +221,7 @@ def inspect_messages_body(body: bytes, record: ExchangeRecord) -> None:
         raise InvalidRequestError("the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    record.parsed_body = payload
     model = payload.get("model")
     if isinstance(model, str):
         record.model = model
@@ -307,7 +310,9 @@ async def forward(request: Request) -> Response:
         else:
             note_model(body, record)
         url = state.settings.upstream_base + path + ("?" + query if query else "")
-        call = UpstreamCall(request.method, url, await upstream_headers(state, request, resolution), body)
+        call = UpstreamCall(
+            request.method, url, await upstream_headers(state, request, resolution), body, state.upstream_proxy
+        )
         upstream = await open_upstream(state.client, call, record)
     except ProxyError as error:
         if isinstance(error, UpstreamTimeoutError):
@@ -317,7 +322,7 @@ async def forward(request: Request) -> Response:
         if isinstance(error, RequestTooLargeError):
             record.request_body = None
         return ErrorResponse(error, record, state.writer)
-    if upstream.status_code == 429 and resolution.account is not None:
+    if upstream.status == 429 and resolution.account is not None:
         state.cooldowns.start(resolution.account.name, upstream.headers.get("retry-after"))
     return UpstreamResponse(upstream, record, state.writer)
 
@@ -344,9 +349,10 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
-    is_ready = state.accepting and await state.database_ready()
+    accepting = state.accepting and not request.app.state.draining
+    is_ready = accepting and await state.database_ready()
     return JSONResponse(
-        {"ready": is_ready, "accepting": state.accepting, "timestamp": datetime.now(UTC).isoformat()},
+        {"ready": is_ready, "accepting": accepting, "timestamp": datetime.now(UTC).isoformat()},
         status_code=200 if is_ready else 503,
     )
 

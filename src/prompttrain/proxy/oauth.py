@@ -13,10 +13,12 @@ import asyncio
 import logging
 import time
 
-import httpx
+import aiohttp
+import orjson
 
 from prompttrain.credentials import OAuthAccount, OAuthTokens
 from prompttrain.proxy.errors import AuthenticationError
+from prompttrain.proxy.forwarding import outbound_proxy
 from prompttrain.storage.oauth_tokens import OAuthTokenStore, later
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class OAuthRefreshError(Exception):
 class OAuthManager:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         *,
         token_url: str,
         client_id: str,
@@ -43,6 +45,7 @@ class OAuthManager:
         self.client_id = client_id
         self.margin_ms = int(margin_seconds * 1000)
         self.store = store
+        self.proxy = outbound_proxy(token_url)
         self._tokens: dict[str, OAuthTokens] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._failed_until: dict[str, float] = {}
@@ -97,22 +100,25 @@ class OAuthManager:
         """One call to the token endpoint (Claude Code's refresh_token grant)."""
         self.refresh_count += 1
         try:
-            response = await self.client.post(
+            async with self.client.post(
                 self.token_url,
                 json={
                     "grant_type": "refresh_token",
                     "refresh_token": tokens.refresh_token,
                     "client_id": self.client_id,
                 },
-                headers={"anthropic-beta": "oauth-2025-04-20"},
-                timeout=30.0,
-            )
-        except httpx.HTTPError as error:
+                headers={"anthropic-beta": "oauth-2025-04-20", "content-type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=30.0),
+                proxy=self.proxy,
+            ) as response:
+                status = response.status
+                text = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
             raise OAuthRefreshError(f"token endpoint unreachable ({type(error).__name__})") from None
-        if response.status_code != 200:
-            raise OAuthRefreshError(f"token endpoint answered {response.status_code}")
+        if status != 200:
+            raise OAuthRefreshError(f"token endpoint answered {status}")
         try:
-            payload = response.json()
+            payload = orjson.loads(text)
             access = payload["access_token"]
             expires_in = float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):

@@ -10,15 +10,15 @@ body whole grows quadratically with a conversation. Instead a body is split into
   `system`/`tools` become `[]`, a string `system` becomes null;
 - references: the blob digests, in order.
 
-`join_body` rebuilds the exact bytes: `split_body` checks the round trip and returns None when the body would not
-come back byte for byte (unusual spacing, key order or number formatting), in which case the raw body is stored.
+`join_body` rebuilds the exact bytes: `split_body` returns None when the body would not come back byte for byte
+(unusual spacing or number formatting), in which case the raw body is stored.
 Pure functions: no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,19 +41,30 @@ def digest_of(value: Any) -> bytes:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-def split_body(raw: bytes) -> SplitBody | None:
-    """Split a Messages request body, or None if it is not a JSON object that round-trips exactly."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
+def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozenset()) -> SplitBody | None:
+    """Split a Messages request body, or None if it is not a JSON object that round-trips exactly.
+
+    `parsed` saves parsing `raw` again when the caller already did; blobs whose digest is in `known` (already
+    stored) are referenced without serialising their content again.
+    """
+    if parsed is None:
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+    body = parsed
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    # Every piece below is serialised by orjson from this same parse, so if orjson reproduces the whole body
+    # byte for byte, `join_body` (which reassembles the same pieces) does too.
+    if orjson.dumps(body) != raw:
         return None
     blobs: dict[bytes, str] = {}
 
     def address(value: Any) -> bytes:
         digest = digest_of(value)
-        blobs.setdefault(digest, orjson.dumps(value).decode("utf-8"))
+        if digest not in known and digest not in blobs:
+            blobs[digest] = orjson.dumps(value).decode("utf-8")
         return digest
 
     template = dict(body)
@@ -68,16 +79,13 @@ def split_body(raw: bytes) -> SplitBody | None:
         else:
             refs[key] = address(value)
             template[key] = None
-    split = SplitBody(
+    return SplitBody(
         template=orjson.dumps(template).decode("utf-8"),
         system_refs=refs["system"],
         tools_refs=refs["tools"],
         message_refs=refs["messages"] or b"",
         blobs=blobs,
     )
-    if join_body(split.template, split.system_refs, split.tools_refs, split.message_refs, blobs) != raw:
-        return None
-    return split
 
 
 def digests(refs: bytes | None) -> list[bytes]:

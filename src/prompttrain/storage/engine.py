@@ -5,17 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode("utf-8")
+
+
+# orjson for JSON columns: several times faster than the standard library on large response bodies.
+JSON_CODEC: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
 def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         ensure_sqlite_directory(database_url)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **JSON_CODEC)
         sa.event.listen(engine.sync_engine, "connect", _configure_sqlite)
         return engine
     return create_async_engine(
@@ -25,6 +34,7 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"server_settings": {"application_name": "prompttrain"}},
+        **JSON_CODEC,
     )
 
 

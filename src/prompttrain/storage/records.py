@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,6 +62,7 @@ class ExchangeRecord:
     error_message: str | None = None
     response_override: dict[str, Any] | None = None  # a proxy-generated error body
     payload_shed: bool = False
+    parsed_body: Any = None  # the request body as the proxy parsed it, so the writer need not parse it again
     accounted_bytes: int = 0  # what the writer's payload budget counted for this record
 
     @property
@@ -97,13 +98,15 @@ def _millis(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000.0, 3)
 
 
-def build_rows(record: ExchangeRecord, *, keep_payload: bool = True) -> tuple[dict[str, Any], PayloadRow | None]:
+def build_rows(
+    record: ExchangeRecord, *, keep_payload: bool = True, known_blobs: Container[bytes] = frozenset()
+) -> tuple[dict[str, Any], PayloadRow | None]:
     """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
     row, message = _metadata_row(record)
     if record.payload_shed or not keep_payload:
         row["payload_shed"] = record.payload_shed
         return row, None
-    return row, payload_row(record, message)
+    return row, payload_row(record, message, known_blobs)
 
 
 def build_row(record: ExchangeRecord) -> dict[str, Any]:
@@ -112,9 +115,11 @@ def build_row(record: ExchangeRecord) -> dict[str, Any]:
     return {**row, "response_body": message}
 
 
-def payload_row(record: ExchangeRecord, message: dict[str, Any] | None) -> PayloadRow:
+def payload_row(
+    record: ExchangeRecord, message: dict[str, Any] | None, known_blobs: Container[bytes] = frozenset()
+) -> PayloadRow:
     body = record.request_body
-    split = split_body(body) if body else None
+    split = split_body(body, record.parsed_body, known_blobs) if body else None
     row: dict[str, Any] = {
         "request_id": record.request_id,
         "timestamp": record.started_at,

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -73,7 +73,10 @@ class RequestWriter:
         self._metadata_ready = asyncio.Event()
         self._payloads_ready = asyncio.Event()
         self._spooling = not spool.is_empty()
-        self._known_blobs: OrderedDict[bytes, date] = OrderedDict()
+        # Digests of blobs this process stored (or refreshed) today: their content need not be sent again, and
+        # their `last_seen` is current. Cleared when the UTC day changes, so every blob is touched once a day.
+        self._known_blobs: OrderedDict[bytes, None] = OrderedDict()
+        self._known_day: date | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # records the converter and lanes hold outside the deques right now
         self._database_down = False
@@ -174,7 +177,7 @@ class RequestWriter:
                 batch = [self._intake.popleft() for _ in range(min(len(self._intake), self.batch_size))]
                 self._busy += 1
                 try:
-                    converted = await asyncio.to_thread(_convert, batch, self.store_payloads)
+                    converted = await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs)
                     for record, (row, payload) in zip(batch, converted, strict=True):
                         self._payload_bytes -= record.accounted_bytes
                         if payload is not None:
@@ -343,10 +346,13 @@ class RequestWriter:
 
     async def _insert_payloads(self, batch: list[PayloadRow]) -> None:
         today = datetime.now(UTC).date()
+        if today != self._known_day:
+            self._known_blobs.clear()
+            self._known_day = today
         blobs: dict[bytes, str] = {}
         for payload in batch:
             for digest, content in payload.blobs.items():
-                if self._known_blobs.get(digest) != today:
+                if digest not in self._known_blobs:
                     blobs[digest] = content
         async with self.engine.begin() as connection:
             if blobs:
@@ -363,8 +369,7 @@ class RequestWriter:
                 _insert(connection, request_payloads).on_conflict_do_nothing(), [payload.row for payload in batch]
             )
         for digest in blobs:
-            self._known_blobs[digest] = today
-            self._known_blobs.move_to_end(digest)
+            self._known_blobs[digest] = None
         while len(self._known_blobs) > KNOWN_BLOBS:
             self._known_blobs.popitem(last=False)
 
@@ -394,11 +399,13 @@ def _insert(connection: AsyncConnection, table: sa.Table) -> Any:
     return statement
 
 
-def _convert(batch: Sequence[ExchangeRecord], store_payloads: bool) -> list[tuple[dict[str, Any], PayloadRow | None]]:
+def _convert(
+    batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes]
+) -> list[tuple[dict[str, Any], PayloadRow | None]]:
     converted = []
     for record in batch:
         try:
-            converted.append(build_rows(record, keep_payload=store_payloads))
+            converted.append(build_rows(record, keep_payload=store_payloads, known_blobs=known_blobs))
         except Exception:  # a parsing bug must not lose the usage record
             log.exception("could not parse request %s; storing it without its response", record.request_id)
             record.chunks = []

@@ -305,10 +305,22 @@ class _ScriptedReply(Response):
 
         headers = {"content-type": _SSE_CONTENT_TYPE, "cache-control": "no-cache", **headers}
         await send({"type": "http.response.start", "status": 200, "headers": _raw(headers)})
-        for index in range(stop_after):
-            if index and delay:
-                await asyncio.sleep(delay)
-            await send({"type": "http.response.body", "body": events[index], "more_body": True})
+        # Watch for the client going away, as Anthropic's servers stop generating when the caller hangs up.
+        gone = asyncio.create_task(_client_gone(receive))
+        sent = 0
+        try:
+            for index in range(stop_after):
+                if index and delay:
+                    await asyncio.wait({gone}, timeout=delay)
+                if gone.done():
+                    break
+                await send({"type": "http.response.body", "body": events[index], "more_body": True})
+                sent += 1
+        finally:
+            gone.cancel()
+        self._state.record_stream(self._request_id, sent, len(events), client_gone=sent < stop_after)
+        if sent < stop_after:
+            return
         if drop:
             await _drop_connection(scope, receive)
             return
@@ -317,6 +329,11 @@ class _ScriptedReply(Response):
                 await asyncio.sleep(delay)
             await send({"type": "http.response.body", "body": stream_error_event(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _raw(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
@@ -419,6 +436,9 @@ def create_app(state: FakeUpstreamState | None = None) -> Starlette:
         fake.reset()
         return _json_response({"ok": True})
 
+    async def control_streams(request: Request) -> Response:
+        return _json_response({"streams": fake.streams()})
+
     async def control_received(request: Request) -> Response:
         return _json_response({"requests": fake.received_requests(request.query_params.get("path"))})
 
@@ -454,6 +474,7 @@ def create_app(state: FakeUpstreamState | None = None) -> Starlette:
         ("/_fake/replies", control_replies, ["GET", "POST"]),
         ("/_fake/reset", control_reset, ["POST"]),
         ("/_fake/received", control_received, ["GET"]),
+        ("/_fake/streams", control_streams, ["GET"]),
         ("/_fake/oauth", control_oauth, ["GET", "POST"]),
         ("/_fake/headers", control_headers, ["GET", "POST"]),
     ]

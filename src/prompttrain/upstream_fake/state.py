@@ -75,6 +75,23 @@ class FakeUpstreamState:
             self._oauth_requests = []
             self._tokens_issued = 0
             self._last_issued_refresh_token = None
+            self._streams: list[dict[str, Any]] = []
+
+    def record_stream(self, request_id: str, events_sent: int, events_total: int, client_gone: bool) -> None:
+        """How an SSE reply ended: every event sent, or the client went away (`client_gone`) after some."""
+        with self._lock:
+            self._streams.append(
+                {
+                    "request_id": request_id,
+                    "events_sent": events_sent,
+                    "events_total": events_total,
+                    "client_gone": client_gone,
+                }
+            )
+
+    def streams(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(item) for item in self._streams]
 
     # ---------------------------------------------------------------------------------------------------
     # Scripted replies
