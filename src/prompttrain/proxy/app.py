@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from uuid import uuid4
 
 import aiohttp
 import orjson
@@ -31,6 +30,8 @@ from prompttrain.proxy.errors import (
     UpstreamUnreachableError,
 )
 from prompttrain.proxy.forwarding import (
+    ClientGoneResponse,
+    DisconnectWatch,
     ErrorResponse,
     UpstreamCall,
     UpstreamResponse,
@@ -56,7 +57,7 @@ from prompttrain.settings import Settings
 from prompttrain.storage.engine import create_engine, database_is_ready
 from prompttrain.storage.migrate import migrate
 from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_or_create_key
-from prompttrain.storage.records import ExchangeRecord, Outcome
+from prompttrain.storage.records import ExchangeRecord, Outcome, new_request_id
 from prompttrain.storage.spool import Spool
 from prompttrain.storage.writer import RequestWriter
 
@@ -282,7 +283,7 @@ async def forward(request: Request) -> Response:
     path = request.url.path
     query = request.scope.get("query_string", b"").decode("latin-1")
     record = ExchangeRecord(
-        request_id=uuid4(),
+        request_id=new_request_id(),
         started_at=datetime.now(UTC),
         started=started,
         method=request.method,
@@ -313,18 +314,32 @@ async def forward(request: Request) -> Response:
         call = UpstreamCall(
             request.method, url, await upstream_headers(state, request, resolution), body, state.upstream_proxy
         )
-        upstream = await open_upstream(state.client, call, record)
     except ProxyError as error:
-        if isinstance(error, UpstreamTimeoutError):
-            record.outcome = Outcome.TIMEOUT
-        elif isinstance(error, UpstreamUnreachableError):
-            record.outcome = Outcome.UNREACHABLE
-        if isinstance(error, RequestTooLargeError):
-            record.request_body = None
-        return ErrorResponse(error, record, state.writer)
+        return error_response(error, record, state)
+    watch = DisconnectWatch(request.receive)
+    try:
+        upstream = await open_upstream(state.client, call, record)
+    except asyncio.CancelledError:
+        watch.stop()
+        if watch.claim():
+            return ClientGoneResponse(record, state.writer)
+        raise
+    except ProxyError as error:
+        watch.stop()
+        return error_response(error, record, state)
     if upstream.status == 429 and resolution.account is not None:
         state.cooldowns.start(resolution.account.name, upstream.headers.get("retry-after"))
-    return UpstreamResponse(upstream, record, state.writer)
+    return UpstreamResponse(upstream, record, state.writer, watch)
+
+
+def error_response(error: ProxyError, record: ExchangeRecord, state: ProxyState) -> Response:
+    if isinstance(error, UpstreamTimeoutError):
+        record.outcome = Outcome.TIMEOUT
+    elif isinstance(error, UpstreamUnreachableError):
+        record.outcome = Outcome.UNREACHABLE
+    if isinstance(error, RequestTooLargeError):
+        record.request_body = record.parsed_body = None
+    return ErrorResponse(error, record, state.writer)
 
 
 async def health(request: Request) -> Response:

@@ -13,7 +13,6 @@ operator's kopf) relays raw bytes without decoding them (`auto_decompress=False`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import urllib.parse
@@ -107,16 +106,59 @@ def response_header_list(response: aiohttp.ClientResponse) -> list[tuple[bytes, 
     return [(name.lower(), value) for name, value in raw if name.decode("latin-1").lower() not in dropped]
 
 
+class DisconnectWatch:
+    """Cancels the request's task when the client hangs up, so the upstream request is abandoned at once.
+
+    One watcher task per forwarded request, from the moment its body has been read: it covers the wait for the
+    upstream's headers (minutes for a long non-streaming answer) as well as the relay of the body.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.gone = False
+        self.watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                self.task.cancel()
+                return
+
+    def claim(self) -> bool:
+        """In an `except CancelledError`: True if the cancellation was ours alone (then it is absorbed)."""
+        return self.gone and self.task.uncancel() == 0
+
+    def stop(self) -> None:
+        self.watcher.cancel()
+
+
+def mark_client_gone(record: ExchangeRecord) -> None:
+    record.outcome = Outcome.CLIENT_DISCONNECTED
+    record.error_type = "client_disconnected"
+    record.error_message = "the client disconnected before the response ended"
+
+
 class UpstreamResponse(Response):
     """An ASGI response that relays the upstream body chunk by chunk and records the exchange when it ends."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, record: ExchangeRecord, writer: RequestWriter | None) -> None:
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        record: ExchangeRecord,
+        writer: RequestWriter | None,
+        watch: DisconnectWatch,
+    ) -> None:
         # Deliberately not Response.__init__: the headers are the upstream's raw list, sent as they are.
         self.status_code = upstream.status
         self.background = None
         self.upstream = upstream
         self.record = record
         self.writer = writer
+        self.watch = watch
         self.upstream_headers = response_header_list(upstream)
         record.status_code = upstream.status
         record.response_headers = recorded_response_headers(
@@ -134,28 +176,19 @@ class UpstreamResponse(Response):
             (REQUEST_ID_HEADER, str(record.request_id).encode()),
             (OVERHEAD_HEADER, f"{record.overhead_ms:.3f}".encode()),
         ]
-        pump = asyncio.create_task(self._pump(send, headers))
-        watch = asyncio.create_task(_wait_for_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if pump not in done:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
-                record.outcome = Outcome.CLIENT_DISCONNECTED
-                record.error_type = "client_disconnected"
-                record.error_message = "the client disconnected before the response ended"
-            else:
-                pump.result()
+            await self._pump(send, headers)
         except asyncio.CancelledError:
-            # The server cancels what is still running when the shutdown grace period ends.
-            record.outcome = Outcome.INTERRUPTED
-            record.error_type = "grace_period_exceeded"
-            record.error_message = "the proxy shut down before the response ended (shutdown grace period exceeded)"
-            raise
+            if self.watch.claim():
+                mark_client_gone(record)
+            else:
+                # The server cancels what is still running when the shutdown grace period ends.
+                record.outcome = Outcome.INTERRUPTED
+                record.error_type = "grace_period_exceeded"
+                record.error_message = "the proxy shut down before the response ended (shutdown grace period exceeded)"
+                raise
         finally:
-            for task in (pump, watch):
-                task.cancel()
+            self.watch.stop()
             self.upstream.close()
             record.finished = time.perf_counter()
             if self.writer is not None:
@@ -183,11 +216,20 @@ class UpstreamResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+class ClientGoneResponse(Response):
+    """The client hung up before the upstream answered: nothing to send, only the record to hand over."""
+
+    def __init__(self, record: ExchangeRecord, writer: RequestWriter | None) -> None:
+        self.status_code = 499
+        self.background = None
+        self.record = record
+        self.writer = writer
+        mark_client_gone(record)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.record.finished = time.perf_counter()
+        if self.writer is not None:
+            self.writer.submit(self.record)
 
 
 class ErrorResponse(Response):
