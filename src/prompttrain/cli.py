@@ -14,9 +14,11 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -186,6 +188,43 @@ def create_client_key(settings: Settings, train_id: str) -> None:
     print(f"stored its SHA-256 digest in {path}; the key is not stored anywhere else", file=sys.stderr)
 
 
+DURATION = re.compile(r"^(?P<amount>\d+)(?P<unit>[smhdw])$")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    match = DURATION.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 30d, 12h or 90m")
+    return timedelta(seconds=int(match["amount"]) * UNIT_SECONDS[match["unit"]])
+
+
+def run_retention(settings: Settings, older_than: timedelta, payloads_older_than: timedelta | None) -> None:
+    from prompttrain.storage.engine import create_engine
+    from prompttrain.storage.partitions import apply_retention
+
+    payload_age = payloads_older_than if payloads_older_than is not None else older_than
+    if payload_age > older_than:
+        raise SettingsError("--payloads-older-than: payloads cannot be kept longer than their metadata")
+    if payload_age < timedelta(days=1):
+        raise SettingsError("--payloads-older-than: at least 1d (content blobs are refreshed once a day)")
+    now = datetime.now(UTC)
+
+    async def main() -> None:
+        engine = create_engine(settings.database_url, pool_size=1)
+        try:
+            report = await apply_retention(engine, now - older_than, now - payload_age)
+        finally:
+            await engine.dispose()
+        print(
+            f"dropped {len(report.dropped_partitions)} partitions, deleted {report.deleted_requests} requests, "
+            f"{report.deleted_payloads} payloads and {report.deleted_blobs} content blobs",
+            file=sys.stderr,
+        )
+
+    asyncio.run(main())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompttrain", description="Agent Prompt Train")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=9100)
     key = commands.add_parser("client-key", help="create a client key for a train")
     key.add_argument("--train", required=True)
+    retention = commands.add_parser("retention", help="drop request data older than a cutoff")
+    retention.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 30d: all request data")
+    retention.add_argument(
+        "--payloads-older-than", type=parse_duration, help="e.g. 7d: only bodies (default: --older-than)"
+    )
     return parser
 
 
@@ -235,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_migrate(settings, arguments.wait)
         elif arguments.command == "client-key":
             create_client_key(settings, arguments.train)
+        elif arguments.command == "retention":
+            run_retention(settings, arguments.older_than, arguments.payloads_older_than)
     except SettingsError as error:
         print(f"prompttrain: {error}", file=sys.stderr)
         raise SystemExit(2) from None

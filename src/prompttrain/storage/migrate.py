@@ -13,6 +13,7 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection
 
 from prompttrain.storage.engine import create_engine, redacted_url
+from prompttrain.storage.partitions import ensure_partitions
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ async def migrate(database_url: str, *, wait_seconds: float = 60.0) -> None:
                     ) from None
                 log.info("waiting for the database %s", redacted_url(database_url))
                 await asyncio.sleep(1.0)
+        await ensure_partitions(engine)
     finally:
         await engine.dispose()
     log.info("database schema is up to date")
