@@ -199,19 +199,21 @@ class Corpus:
             index += 1
         return " ".join(parts)[: max(chars, 1)].rstrip()
 
-    def code(self, rng: random.Random, escaped_bytes: int) -> tuple[str, str]:
-        """A Read tool result: (path, numbered source lines) whose JSON string is about `escaped_bytes` long."""
-        path, lines = rng.choice(self.files)
-        start = rng.randrange(max(1, len(lines) - 200))
+    def code(self, rng: random.Random, escaped_bytes: int) -> str:
+        """A Read tool result (numbered source lines, `cat -n` style) whose JSON string is ~`escaped_bytes` long."""
+        _, lines = rng.choice(self.files)
+        number = rng.randrange(max(1, len(lines) - 200))
         out: list[str] = []
         size = 0
-        number = start
         while size < escaped_bytes:
             line = f"{number + 1:>6}\t{lines[number % len(lines)]}"
             out.append(line)
-            size += len(json.dumps(line, ensure_ascii=False)) - 2 + 2  # quotes off, the "\n" escape on
+            size += len(json.dumps(line, ensure_ascii=False))  # the quotes stand for the "\n" escape between lines
             number += 1
-        return path, "\n".join(out)
+        excess = size - escaped_bytes
+        if 0 < excess < len(out[-1]) - 7:  # cut the last line short rather than overshoot
+            out[-1] = out[-1][:-excess]
+        return "\n".join(out)
 
 
 def _sentences(docstring: str) -> list[str]:
@@ -301,7 +303,7 @@ def build_conversation(turns: int, turn_bytes: int, seed: int) -> tuple[dict[str
         budget = turn_bytes - len(compact([user, assistant, result])) - len(',"content":""')
         if number == 0:
             budget += len(compact(prompt[0])) + 1  # the reminder comes on top of the turn's bytes
-        result["content"][0]["content"] = corpus.code(rng, max(budget, 40))[1]
+        result["content"][0]["content"] = corpus.code(rng, max(budget, 40))
         conversation.append(Turn([user, assistant, result]))
     return fixed, conversation
 
@@ -437,7 +439,12 @@ COLUMNS_SQL = {
     "content_blobs": """
         SELECT count(*) AS rows, sum(pg_column_size(b.*)) AS row_bytes,
                sum(octet_length(content)) AS content_raw, sum(pg_column_size(content)) AS content_stored,
-               count(*) FILTER (WHERE octet_length(content) > 2000) AS over_2kb
+               count(*) FILTER (WHERE octet_length(content) > 2000) AS over_2kb,
+               count(*) FILTER (WHERE octet_length(content) <= 2000) AS small,
+               coalesce(sum(pg_column_size(content)) FILTER (WHERE octet_length(content) <= 2000), 0) AS small_stored,
+               count(*) FILTER (WHERE content LIKE '%"cache_control"%') AS marked,
+               coalesce(sum(pg_column_size(content)) FILTER (WHERE content LIKE '%"cache_control"%'), 0)
+                   AS marked_stored
         FROM content_blobs b""",
 }
 
@@ -497,7 +504,7 @@ async def pg_details(url: str, ids: Sequence[uuid.UUID]) -> dict[str, Any]:
             columns[table] = {key: int(value or 0) for key, value in row.items()} if row else {}
         return {
             "columns": columns,
-            "server_version": await connection.fetchval("SHOW server_version"),
+            "server_version": str(await connection.fetchval("SHOW server_version")).split()[0],
             "toast_compression": await connection.fetchval("SHOW default_toast_compression"),
         }
     finally:
@@ -774,6 +781,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"Recorded: {rows['api_requests']} api_requests, {rows['request_payloads']} request_payloads rows; "
         f"{pg['raw_fallbacks']} bodies stored raw (fallback); replay took {pg['replay_s']:.1f}s\n"
     )
+    if min(rows.values()) < bodies["count"]:
+        print("WARNING: rows were still missing after --drain-timeout; sizes below are incomplete\n")
     header = (
         f"{'PostgreSQL (KiB)':<18}{'rows':>6}{'parts':>8}{'heap':>10}{'fsm+vm':>8}{'toast':>10}"
         f"{'indexes':>10}{'total':>10}{'% of sum':>10}{'empty':>8}"
@@ -810,13 +819,17 @@ def print_report(report: dict[str, Any]) -> None:
     print("\nWhere the bytes go (pg_column_size, as stored):")
     payloads, blobs, meta = columns["request_payloads"], columns["content_blobs"], columns["api_requests"]
     print(
-        f"  request_payloads: refs {kib(payloads['refs'])} KiB (message refs grow 32 B per message per request: "
-        f"quadratic), templates {kib(payloads['template'])}, responses {kib(payloads['response_body'])}, "
+        f"  request_payloads: refs {kib(payloads['refs'])} KiB, of which message refs "
+        f"{kib(payloads['message_refs_raw'])} (32 B per message per request: quadratic, incompressible, "
+        f"{kib(payloads['message_refs_raw'] / max(payloads['rows'], 1))} KiB a row on average); "
+        f"templates {kib(payloads['template'])}, responses {kib(payloads['response_body'])}, "
         f"raw bodies {kib(payloads['raw_request_body'])}"
     )
     print(
         f"  content_blobs: {blobs['rows']} blobs, content {kib(blobs['content_raw'])} KiB as JSON, "
-        f"{kib(blobs['content_stored'])} KiB stored ({blobs['over_2kb']} over 2 KB, compressible by TOAST)"
+        f"{kib(blobs['content_stored'])} KiB stored; {blobs['small']} blobs <= 2 KB take "
+        f"{kib(blobs['small_stored'])} KiB, uncompressed (under the TOAST threshold); {blobs['marked']} carry "
+        f"cache_control, {kib(blobs['marked_stored'])} KiB (each last message is stored again without it)"
     )
     print(
         f"  api_requests: {kib(meta['row_bytes'])} KiB of rows ({meta['row_bytes'] // max(meta['rows'], 1)} B each), "

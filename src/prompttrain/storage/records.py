@@ -107,15 +107,24 @@ def _millis(start: float | None, end: float | None) -> float | None:
     return round((end - start) * 1000.0, 3)
 
 
+@dataclass(frozen=True)
+class BuiltRows:
+    """What the writer makes of one exchange."""
+
+    metadata: dict[str, Any]  # the api_requests row
+    payload: PayloadRow | None  # None when the bodies are shed or not stored
+    message: dict[str, Any] | None  # the response message (JSON, or rebuilt from the stream)
+
+
 def build_rows(
     record: ExchangeRecord, *, keep_payload: bool = True, known_blobs: Container[bytes] = frozenset()
-) -> tuple[dict[str, Any], PayloadRow | None]:
+) -> BuiltRows:
     """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
     row, message = _metadata_row(record)
     if record.payload_shed or not keep_payload:
         row["payload_shed"] = record.payload_shed
-        return row, None
-    return row, payload_row(record, message, known_blobs)
+        return BuiltRows(row, None, message)
+    return BuiltRows(row, payload_row(record, message, known_blobs), message)
 
 
 def build_row(record: ExchangeRecord) -> dict[str, Any]:

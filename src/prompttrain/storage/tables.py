@@ -52,10 +52,36 @@ api_requests = sa.Table(
     sa.Column("request_bytes", sa.Integer(), nullable=False, server_default="0"),
     # True when the bodies were not kept (shed under pressure); the usage above is complete regardless.
     sa.Column("payload_shed", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # Conversation tracking (conversation/linking.py; meanings as in the reference §4), revision 0002.
+    sa.Column("conversation_id", sa.Uuid()),
+    sa.Column("branch_id", sa.String(255)),
+    sa.Column("current_message_hash", sa.String(64)),
+    sa.Column("parent_message_hash", sa.String(64)),
+    sa.Column("system_hash", sa.String(64)),
+    sa.Column("parent_request_id", sa.Uuid()),
+    sa.Column("is_subtask", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("parent_task_request_id", sa.Uuid()),
+    sa.Column("message_count", sa.Integer(), nullable=False, server_default="0"),
+    # Agent/Task tool_use blocks of the response ([{id, name, input}]): where sub-agents come from.
+    sa.Column("task_tool_invocation", JsonDocument),
+    # Names of the tools whose results this request carries (cost attribution per tool).
+    sa.Column("tool_result_names", JsonDocument),
+    # Cost at write time from the pricing table; `cost_estimated` when the model was priced by family.
+    sa.Column("cost_usd", sa.Float(), nullable=False, server_default="0"),
+    sa.Column("cost_estimated", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # Subscription windows from the anthropic-ratelimit-unified-* response headers.
+    sa.Column("ratelimit_status", sa.String(32)),
+    sa.Column("ratelimit_5h_utilization", sa.Float()),
+    sa.Column("ratelimit_5h_reset", sa.DateTime(timezone=True)),
+    sa.Column("ratelimit_7d_utilization", sa.Float()),
+    sa.Column("ratelimit_7d_reset", sa.DateTime(timezone=True)),
     sa.Index(None, "timestamp"),
     sa.Index(None, "train_id", "timestamp"),
     sa.Index(None, "account_id", "timestamp"),
     sa.Index(None, "session_id"),
+    sa.Index(None, "conversation_id", "timestamp"),
+    sa.Index(None, "train_id", "current_message_hash"),
+    sa.Index(None, "parent_message_hash"),
     postgresql_partition_by="RANGE (timestamp)",
 )
 

@@ -22,10 +22,11 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,17 +34,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from prompttrain import metrics
 from prompttrain.storage.partitions import ensure_partitions
-from prompttrain.storage.records import ExchangeRecord, PayloadRow, build_rows
+from prompttrain.storage.records import BuiltRows, ExchangeRecord, PayloadRow, build_rows
 from prompttrain.storage.spool import Spool
 from prompttrain.storage.tables import api_requests, content_blobs, request_payloads
 
 log = logging.getLogger(__name__)
+
+# An observer sees every exchange after conversion, in the writer's task (never on the request path).
+Observer = Callable[[ExchangeRecord, BuiltRows], None]
 
 REPLAY_BATCH = 500
 PAYLOAD_BATCH_BYTES = 8 * 1024 * 1024
 KNOWN_BLOBS = 100_000
 MAX_BACKOFF_SECONDS = 5.0
 PARTITION_CHECK_SECONDS = 3600.0
+# Every committed batch of request rows is announced on this channel (delivered at commit), so dashboards on any
+# replica can update live. The payload stays under PostgreSQL's 8000-byte limit.
+NOTIFY_CHANNEL = "prompttrain_requests"
+NOTIFY_MAX_BYTES = 7900
 
 
 class RequestWriter:
@@ -57,6 +65,7 @@ class RequestWriter:
         metadata_queue_size: int = 10_000,
         payload_memory_bytes: int = 256 * 1024 * 1024,
         store_payloads: bool = True,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -65,6 +74,8 @@ class RequestWriter:
         self.metadata_queue_size = metadata_queue_size
         self.payload_memory_bytes = payload_memory_bytes
         self.store_payloads = store_payloads
+        # Called with every exchange once its rows are built (metrics, notifications); never on the request path.
+        self.observers = list(observers)
         self._intake: deque[ExchangeRecord] = deque()
         self._metadata: deque[dict[str, Any]] = deque()  # spool entries: {"op": "insert", "row"} or shed marks
         self._payloads: deque[PayloadRow] = deque()
@@ -153,7 +164,7 @@ class RequestWriter:
         for record in self._intake:
             record.payload_shed = True
             metrics.PAYLOADS_SHED.inc()
-            leftovers.append(_spool_entry(build_rows(record, keep_payload=False)[0]))
+            leftovers.append(_spool_entry(build_rows(record, keep_payload=False).metadata))
         leftovers.extend(self._metadata)
         for payload in self._payloads:
             metrics.PAYLOADS_SHED.inc()
@@ -178,7 +189,8 @@ class RequestWriter:
                 self._busy += 1
                 try:
                     converted = await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs)
-                    for record, (row, payload) in zip(batch, converted, strict=True):
+                    for record, built in zip(batch, converted, strict=True):
+                        row, payload = built.metadata, built.payload
                         self._payload_bytes -= record.accounted_bytes
                         if payload is not None:
                             if self._payload_bytes + payload.size > self.payload_memory_bytes:
@@ -188,11 +200,19 @@ class RequestWriter:
                                 self._payload_bytes += payload.size
                                 self._payloads.append(payload)
                         self._metadata.append(_spool_entry(row))
+                        self._observe(record, built)
                 finally:
                     self._busy -= 1
                 self._metadata_ready.set()
                 self._payloads_ready.set()
                 self._report_depth()
+
+    def _observe(self, record: ExchangeRecord, built: BuiltRows) -> None:
+        for observer in self.observers:
+            try:
+                observer(record, built)
+            except Exception:  # an observer's bug must not stop recording
+                log.exception("request observer %r failed", observer)
 
     # -- metadata lane ------------------------------------------------------------------------------------------
 
@@ -278,6 +298,8 @@ class RequestWriter:
         async with self.engine.begin() as connection:
             if rows:
                 await connection.execute(_insert(connection, api_requests), rows)
+                if connection.dialect.name == "postgresql":
+                    await connection.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, _notification(rows))))
             for mark in marks:
                 await connection.execute(
                     sa.update(api_requests)
@@ -399,9 +421,7 @@ def _insert(connection: AsyncConnection, table: sa.Table) -> Any:
     return statement
 
 
-def _convert(
-    batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes]
-) -> list[tuple[dict[str, Any], PayloadRow | None]]:
+def _convert(batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes]) -> list[BuiltRows]:
     converted = []
     for record in batch:
         try:
@@ -411,6 +431,23 @@ def _convert(
             record.chunks = []
             converted.append(build_rows(record, keep_payload=False))
     return converted
+
+
+def _notification(rows: Sequence[dict[str, Any]]) -> str:
+    """`{"requests": [{"id", "train", "conversation"}...], "more": n}`: enough for a page to decide to refresh."""
+    items: list[dict[str, Any]] = []
+    size = 40
+    for row in rows:
+        item = {
+            "id": str(row["request_id"]),
+            "train": row.get("train_id"),
+            "conversation": str(row["conversation_id"]) if row.get("conversation_id") else None,
+        }
+        size += len(orjson.dumps(item)) + 1
+        if size > NOTIFY_MAX_BYTES:
+            break
+        items.append(item)
+    return orjson.dumps({"requests": items, "more": len(rows) - len(items)}).decode("utf-8")
 
 
 def _spool_entry(row: dict[str, Any]) -> dict[str, Any]:
