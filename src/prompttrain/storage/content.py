@@ -8,7 +8,10 @@ body whole grows quadratically with a conversation. Instead a body is split into
   billing header, changes between sessions while the long prompt blocks and tool definitions do not);
 - a template: the body with those keys kept in place (what is unique to the request): `messages` and a list
   `system`/`tools` become `[]`, a string `system` becomes null;
-- references: the blob digests, in order.
+- references: the blob digests, in order. A long message list is referenced through chunks: every full run of
+  64 message digests is itself a blob (its digests in hex), so a request stores at most a few chunk digests plus a
+  tail of under 64 message digests, instead of 32 bytes per message of the whole history (which grows
+  quadratically over a conversation too).
 
 `join_body` rebuilds the exact bytes: `split_body` returns None when the body would not come back byte for byte
 (unusual spacing or number formatting), in which case the raw body is stored.
@@ -25,6 +28,7 @@ from typing import Any
 import orjson
 
 DIGEST_SIZE = 32
+CHUNK_DIGESTS = 64
 ADDRESSED_KEYS = ("system", "tools")
 
 
@@ -33,8 +37,14 @@ class SplitBody:
     template: str
     system_refs: bytes | None  # concatenated 32-byte digests (one for a string system prompt)
     tools_refs: bytes | None
-    message_refs: bytes
-    blobs: Mapping[bytes, str]  # digest -> the JSON of the value as sent
+    message_chunks: bytes  # digests of chunk blobs, each listing CHUNK_DIGESTS message digests
+    message_refs: bytes  # the messages after the last full chunk
+    blobs: Mapping[bytes, str]  # digest -> the JSON of the value as sent (or a chunk's hex digests)
+
+
+def chunk_digest(digests: bytes) -> bytes:
+    # A separate namespace: a chunk can never collide with the canonical JSON of a message.
+    return hashlib.sha256(b"prompttrain-chunk:" + digests).digest()
 
 
 def digest_of(value: Any) -> bytes:
@@ -79,11 +89,21 @@ def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozens
         else:
             refs[key] = address(value)
             template[key] = None
+    message_refs = refs["messages"] or b""
+    full = len(message_refs) // (DIGEST_SIZE * CHUNK_DIGESTS) * DIGEST_SIZE * CHUNK_DIGESTS
+    chunks = []
+    for start in range(0, full, DIGEST_SIZE * CHUNK_DIGESTS):
+        run = message_refs[start : start + DIGEST_SIZE * CHUNK_DIGESTS]
+        digest = chunk_digest(run)
+        if digest not in known and digest not in blobs:
+            blobs[digest] = run.hex()
+        chunks.append(digest)
     return SplitBody(
         template=orjson.dumps(template).decode("utf-8"),
         system_refs=refs["system"],
         tools_refs=refs["tools"],
-        message_refs=refs["messages"] or b"",
+        message_chunks=b"".join(chunks),
+        message_refs=message_refs[full:],
         blobs=blobs,
     )
 
@@ -93,16 +113,23 @@ def digests(refs: bytes | None) -> list[bytes]:
     return [refs[i : i + DIGEST_SIZE] for i in range(0, len(refs), DIGEST_SIZE)]
 
 
+def expand_chunks(message_chunks: bytes | None, blobs: Mapping[bytes, str]) -> bytes:
+    """The message digests listed by chunk blobs, in order (KeyError if a chunk blob is missing)."""
+    return b"".join(bytes.fromhex(blobs[digest]) for digest in digests(message_chunks))
+
+
 def join_body(
     template: str,
     system_refs: bytes | None,
     tools_refs: bytes | None,
     message_refs: bytes,
     blobs: Mapping[bytes, str],
+    message_chunks: bytes | None = None,
 ) -> bytes:
     """Rebuild the body bytes from a template, its references and the blobs (KeyError if a blob is missing)."""
     body = orjson.loads(template)
-    for key, refs in (("messages", message_refs), ("system", system_refs), ("tools", tools_refs)):
+    all_messages = expand_chunks(message_chunks, blobs) + (message_refs or b"")
+    for key, refs in (("messages", all_messages), ("system", system_refs), ("tools", tools_refs)):
         if key not in body or refs is None:
             continue
         values = [orjson.loads(blobs[digest]) for digest in digests(refs)]
@@ -110,5 +137,8 @@ def join_body(
     return orjson.dumps(body)
 
 
-def referenced(system_refs: bytes | None, tools_refs: bytes | None, message_refs: bytes | None) -> set[bytes]:
-    return {*digests(message_refs), *digests(system_refs), *digests(tools_refs)}
+def referenced(
+    system_refs: bytes | None, tools_refs: bytes | None, message_refs: bytes | None, message_chunks: bytes | None = None
+) -> set[bytes]:
+    """The digests a payload row names directly (chunk digests included, not the digests inside the chunks)."""
+    return {*digests(message_refs), *digests(system_refs), *digests(tools_refs), *digests(message_chunks)}

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 PARTITIONED_TABLES = ("api_requests", "request_payloads")
 PARTITION_NAME = re.compile(r"^(?P<table>[a-z_]+)_p(?P<day>\d{8})$")
 PARTITION_LOCK_KEY = 0x7072_6F6D_7075
-DAYS_AHEAD = 7
+# Every replica re-checks hourly, so one day ahead always exists in time; empty partitions cost pages.
+DAYS_AHEAD = 1
 
 
 def partition_name(table: str, day: date) -> str:
@@ -31,7 +32,7 @@ def partition_name(table: str, day: date) -> str:
 
 
 async def ensure_partitions(engine: AsyncEngine, today: date | None = None, days_ahead: int = DAYS_AHEAD) -> int:
-    """Create the daily partitions from yesterday to `days_ahead` days ahead; returns how many were created."""
+    """Create the daily partitions from today to `days_ahead` days ahead; returns how many were created."""
     if engine.dialect.name != "postgresql":
         return 0
     today = today or datetime.now(UTC).date()
@@ -40,7 +41,7 @@ async def ensure_partitions(engine: AsyncEngine, today: date | None = None, days
         await connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PARTITION_LOCK_KEY})
         existing = await _existing_partitions(connection)
         for table in PARTITIONED_TABLES:
-            for offset in range(-1, days_ahead + 1):
+            for offset in range(days_ahead + 1):
                 day = today + timedelta(days=offset)
                 name = partition_name(table, day)
                 if name in existing:

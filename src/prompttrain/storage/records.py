@@ -144,6 +144,7 @@ def payload_row(
         "request_template": None,
         "system_refs": None,
         "tools_refs": None,
+        "message_chunks": None,
         "message_refs": None,
         "raw_request_body": None,
         "response_body": message,
@@ -154,6 +155,7 @@ def payload_row(
             request_template=split.template,
             system_refs=split.system_refs,
             tools_refs=split.tools_refs,
+            message_chunks=split.message_chunks,
             message_refs=split.message_refs,
         )
         blobs = split.blobs

@@ -95,6 +95,7 @@ request_payloads = sa.Table(
     sa.Column("request_template", sa.Text()),
     sa.Column("system_refs", sa.LargeBinary()),
     sa.Column("tools_refs", sa.LargeBinary()),
+    sa.Column("message_chunks", sa.LargeBinary()),
     sa.Column("message_refs", sa.LargeBinary()),
     # ... or, when the body does not split and round-trip exactly, the body as sent.
     sa.Column("raw_request_body", sa.Text()),

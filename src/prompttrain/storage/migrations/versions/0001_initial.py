@@ -72,6 +72,7 @@ def upgrade() -> None:
         sa.Column("request_template", sa.Text()),
         sa.Column("system_refs", sa.LargeBinary()),
         sa.Column("tools_refs", sa.LargeBinary()),
+        sa.Column("message_chunks", sa.LargeBinary()),
         sa.Column("message_refs", sa.LargeBinary()),
         sa.Column("raw_request_body", sa.Text()),
         sa.Column("response_body", JsonDocument),
@@ -100,6 +101,9 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         for table in ("api_requests", "request_payloads"):
             op.execute(f"CREATE TABLE {table}_default PARTITION OF {table} DEFAULT")
+        # Most blobs (a message, a tool) are a few hundred bytes: below the default 2 KB threshold PostgreSQL
+        # would store them uncompressed.
+        op.execute("ALTER TABLE content_blobs SET (toast_tuple_target = 256)")
 
 
 def downgrade() -> None:
