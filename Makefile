@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Open development mode: the dashboard on :3001 has no authentication (prompttrain up announces it).
 run: $(STAMP)
 	@mkdir -p data
-	$(BIN)/prompttrain up
+	DASHBOARD_OPEN=true $(BIN)/prompttrain up
 
 # Claude Code itself (pinned in tests/claude_code) drives the end-to-end tests; without npm they are skipped
 # (under CI=true they fail instead).

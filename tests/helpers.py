@@ -137,6 +137,20 @@ def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
     return asyncio.run(run())
 
 
+def execute(database_url: str, sql: str, **params: Any) -> None:
+    """Run one statement and commit it."""
+
+    async def run() -> None:
+        engine = create_engine(normalise_database_url(database_url), pool_size=1)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(sa.text(sql), params)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
 def load_payload(database_url: str, request_id: Any) -> Any:
     """The stored bodies of one request (`StoredPayload`), or None."""
     from prompttrain.storage.queries import load_payload as load

@@ -6,6 +6,7 @@ prompttrain up             proxy + dashboard in one process (what `make run` sta
 prompttrain migrate        wait for the database, lock, upgrade the schema to the newest revision
 prompttrain fake-upstream  a stand-in for Anthropic's Messages API (tests, demos, benchmarks)
 prompttrain client-key     create a client key for a train (prints it once; stores only its digest)
+prompttrain operator       the Train operator (kopf): Train resources become the proxy's credential Secrets
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,6 +46,7 @@ def configure_logging(level: str) -> None:
     )
     # httpx logs every request URL at INFO; the proxy logs what matters itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the Kubernetes client (lightkube) uses httpx2
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
@@ -138,19 +141,28 @@ def run_up(settings: Settings) -> None:
     from prompttrain.proxy.app import create_app as create_proxy
     from prompttrain.storage.migrate import migrate
 
+    # The all-in-one development command: without a dashboard key or trusted header, the dashboard runs in open
+    # development mode (DASHBOARD_OPEN), and says so.
+    secured = bool(settings.dashboard_api_key or settings.dashboard_trusted_header)
+    if not secured:
+        settings = settings.model_copy(update={"dashboard_open": True})
+    dashboard_app = create_dashboard(settings)
+
     async def main() -> None:
         await migrate(settings.database_url)
+        access = "login with DASHBOARD_API_KEY" if settings.dashboard_api_key else "trusted header"
         print(
             f"Agent Prompt Train: proxy on http://localhost:{settings.port}, dashboard on "
-            f"http://localhost:{settings.dashboard_port} (open development mode: no dashboard key)\n"
-            f"Point Claude Code at it: ANTHROPIC_BASE_URL=http://localhost:{settings.port} claude",
+            f"http://localhost:{settings.dashboard_port} "
+            + (f"({access})" if secured else "(open development mode: no dashboard authentication)")
+            + f"\nPoint Claude Code at it: ANTHROPIC_BASE_URL=http://localhost:{settings.port} claude",
             file=sys.stderr,
             flush=True,
         )
         await serve_all(
             [
                 server_config(create_proxy(settings), settings.host, settings.port, settings, relay=True),
-                server_config(create_dashboard(settings), settings.host, settings.dashboard_port, settings),
+                server_config(dashboard_app, settings.host, settings.dashboard_port, settings),
             ],
             settings.shutdown_delay_seconds,
         )
@@ -225,6 +237,59 @@ def run_retention(settings: Settings, older_than: timedelta, payloads_older_than
     asyncio.run(main())
 
 
+def run_relink(settings: Settings, since: datetime | None, batch_size: int) -> None:
+    from prompttrain.storage.engine import create_engine
+    from prompttrain.storage.relink import ProgressBar, relink
+
+    async def main() -> None:
+        engine = create_engine(settings.database_url, pool_size=1)
+        bar: ProgressBar | None = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            bar = bar or ProgressBar(total)
+            bar.update(done)
+
+        try:
+            report = await relink(engine, since, batch_size=batch_size, progress=progress)
+        finally:
+            await engine.dispose()
+            if bar is not None:
+                bar.close()
+        print(
+            f"relinked {report.relinked} of {report.examined} requests"
+            f" ({report.skipped} kept their links: no stored body to recompute from)",
+            file=sys.stderr,
+        )
+
+    asyncio.run(main())
+
+
+def parse_since(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a date like 2026-11-01 or 2026-11-01T12:00") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def run_operator(namespaces: list[str], all_namespaces: bool, liveness: str | None) -> None:
+    """The Train operator in the given namespaces; in a pod with neither flag, in the pod's own namespace."""
+    if namespaces and all_namespaces:
+        raise SettingsError("--namespace and --all-namespaces exclude each other")
+    if not namespaces and not all_namespaces:
+        try:
+            namespaces = [IN_CLUSTER_NAMESPACE.read_text().strip()]
+        except OSError:
+            raise SettingsError("outside a cluster, name the namespaces: --namespace NS or --all-namespaces") from None
+    from prompttrain.operator import run
+
+    run(namespaces, all_namespaces, liveness)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prompttrain", description="Agent Prompt Train")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     retention.add_argument(
         "--payloads-older-than", type=parse_duration, help="e.g. 7d: only bodies (default: --older-than)"
     )
+    relink = commands.add_parser("relink", help="recompute conversation linking for stored requests")
+    relink.add_argument("--since", type=parse_since, help="only requests from this date (UTC) on")
+    relink.add_argument("--batch-size", type=int, default=500)
+    operator_command = commands.add_parser("operator", help="run the Train operator (kopf)")
+    operator_command.add_argument(
+        "-n", "--namespace", action="append", default=[], help="serve Trains in this namespace (repeatable)"
+    )
+    operator_command.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace")
+    operator_command.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     return parser
 
 
@@ -279,8 +353,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_migrate(settings, arguments.wait)
         elif arguments.command == "client-key":
             create_client_key(settings, arguments.train)
+        elif arguments.command == "relink":
+            run_relink(settings, arguments.since, arguments.batch_size)
         elif arguments.command == "retention":
             run_retention(settings, arguments.older_than, arguments.payloads_older_than)
+        elif arguments.command == "operator":
+            run_operator(arguments.namespace, arguments.all_namespaces, arguments.liveness)
     except SettingsError as error:
         print(f"prompttrain: {error}", file=sys.stderr)
         raise SystemExit(2) from None

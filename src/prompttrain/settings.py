@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     credentials_reload_seconds: float = Field(default=1.0, gt=0)
     credentials_encryption_key: str | None = None
     default_train_id: str = "default"
+    # Where trains and accounts come from (credential_sources.py): "directory" reads CREDENTIALS_DIR; "kubernetes"
+    # watches the Train operator's Secrets labelled CREDENTIALS_LABEL_SELECTOR in CREDENTIALS_NAMESPACE (default:
+    # the pod's own namespace, else the kubeconfig context's).
+    credentials_source: Literal["directory", "kubernetes"] = "directory"
+    credentials_namespace: str | None = None
+    credentials_label_selector: str = "prompttrain.io/credentials=train"
+    # Train operator: reconcile every Train this often even when nothing changed (repairs drift, re-checks
+    # conflicts); changes to Trains and referenced Secrets and rotation deadlines take effect at once regardless.
+    operator_resync_seconds: float = Field(default=300.0, gt=0)
 
     database_url: str = "sqlite+aiosqlite:///./data/prompttrain.db"
     storage_enabled: bool = True
@@ -67,9 +76,32 @@ class Settings(BaseSettings):
     shutdown_delay_seconds: float = Field(default=0.0, ge=0)
     data_dir: Path = Path("data")
 
+    # Slack (notifications/): the global webhook, used for trains without a `slack` block of their own.
     slack_webhook_url: AnyHttpUrl | None = None
     slack_channel: str | None = None
+    slack_username: str = "Agent Prompt Train"
+    slack_icon_emoji: str = ":robot_face:"
+    # Per webhook; past it notifications are dropped and counted (Slack allows about one message a second).
+    slack_max_per_minute: float = Field(default=30.0, gt=0)
+    slack_timeout_seconds: float = Field(default=5.0, gt=0)
+    slack_queue_size: int = Field(default=200, ge=1)
+    # Metrics: "family" (opus, sonnet, haiku, ...) or "model" (exact claude-* ids, capped) for the `model` label.
+    metrics_model_label: str = "family"
+    # A JSON file whose `models`/`families`/`default` entries replace or extend the shipped pricing table.
+    pricing_file: Path | None = None
     dashboard_api_key: str | None = None
+    # Dashboard access (dashboard/auth.py): the key above, and/or an identity header set by an ingress auth proxy
+    # (oauth2-proxy: X-Auth-Request-Email) limited to DASHBOARD_ALLOWED_DOMAINS (comma-separated; empty: any).
+    # Without either the dashboard refuses to start unless DASHBOARD_OPEN=true (development only).
+    dashboard_trusted_header: str | None = None
+    dashboard_allowed_domains: str = ""
+    dashboard_open: bool = False
+    dashboard_session_hours: float = Field(default=168.0, gt=0)
+    # Mark the login cookie Secure even when the dashboard sees plain HTTP (TLS ends at the ingress).
+    dashboard_secure_cookies: bool = False
+    # Live updates: SSE heartbeat interval, and how often SQLite is polled (PostgreSQL uses LISTEN/NOTIFY).
+    dashboard_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    dashboard_poll_seconds: float = Field(default=1.0, gt=0)
     telemetry_endpoint: AnyHttpUrl | None = None
 
     log_level: str = "info"
@@ -80,6 +112,11 @@ class Settings(BaseSettings):
         if not IDENTIFIER_PATTERN.match(value):
             raise ValueError(f"must match {IDENTIFIER_PATTERN.pattern}")
         return value
+
+    @field_validator("dashboard_api_key", "dashboard_trusted_header")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("database_url")
     @classmethod
@@ -92,6 +129,14 @@ class Settings(BaseSettings):
         lowered = value.lower()
         if lowered not in {"auto", "true", "false"}:
             raise ValueError("must be auto, true or false")
+        return lowered
+
+    @field_validator("metrics_model_label")
+    @classmethod
+    def _metrics_model_label(cls, value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in {"family", "model"}:
+            raise ValueError("must be family or model")
         return lowered
 
     @field_validator("log_level")
@@ -115,6 +160,12 @@ class Settings(BaseSettings):
     @property
     def upstream_base(self) -> str:
         return str(self.upstream_url).rstrip("/")
+
+    @property
+    def dashboard_domains(self) -> tuple[str, ...]:
+        """DASHBOARD_ALLOWED_DOMAINS as lower-case domains without a leading '@'."""
+        parts = (part.strip().lower().lstrip("@") for part in self.dashboard_allowed_domains.split(","))
+        return tuple(part for part in parts if part)
 
 
 def normalise_database_url(value: str) -> str:

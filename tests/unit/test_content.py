@@ -25,8 +25,8 @@ def test_split_and_join_round_trip_with_chunks() -> None:
     raw = body(150, tools=[{"name": "Bash"}], stream=True)
     split = split_body(raw)
     assert split is not None
-    assert len(digests(split.message_chunks)) == 2
-    assert len(digests(split.message_refs)) == 150 - 2 * CHUNK_DIGESTS
+    assert len(digests(split.message_chunks)) == 150 // CHUNK_DIGESTS
+    assert len(digests(split.message_refs)) == 150 % CHUNK_DIGESTS
     assert (
         join_body(
             split.template, split.system_refs, split.tools_refs, split.message_refs, split.blobs, split.message_chunks
@@ -34,16 +34,16 @@ def test_split_and_join_round_trip_with_chunks() -> None:
         == raw
     )
     assert set(split.blobs) >= referenced(split.system_refs, split.tools_refs, split.message_refs, split.message_chunks)
-    assert len(expand_chunks(split.message_chunks, split.blobs)) == 2 * CHUNK_DIGESTS * DIGEST_SIZE
+    assert len(expand_chunks(split.message_chunks, split.blobs)) == 150 // CHUNK_DIGESTS * CHUNK_DIGESTS * DIGEST_SIZE
 
 
 def test_the_next_turn_reuses_every_earlier_blob_and_chunk() -> None:
-    first = split_body(body(130))
-    second = split_body(body(132), known=set(first.blobs) if first else set())
+    first = split_body(body(8 * CHUNK_DIGESTS + 2))
+    second = split_body(body(8 * CHUNK_DIGESTS + 4), known=set(first.blobs) if first else set())
     assert first is not None and second is not None
     assert second.message_chunks == first.message_chunks
     assert len(second.blobs) == 1 + 1  # two new messages (the system block is known)
-    assert digest_of({"role": "user", "content": "message 130 é"}) in second.blobs
+    assert digest_of({"role": "user", "content": f"message {8 * CHUNK_DIGESTS + 2} é"}) in second.blobs
 
 
 def test_identical_content_with_other_key_order_has_one_digest() -> None:

@@ -17,10 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
-from prompttrain import __version__
-from prompttrain.credentials import EMPTY_SNAPSHOT, CredentialDirectory, CredentialSnapshot, OAuthAccount
+from prompttrain import __version__, metrics
+from prompttrain.conversation.pricing import load_pricing, use_pricing
+from prompttrain.credential_sources import CredentialSource, open_credential_source
+from prompttrain.credentials import EMPTY_SNAPSHOT, CredentialSnapshot, OAuthAccount
+from prompttrain.notifications.observer import SlackObserver
+from prompttrain.notifications.sender import SlackSender
+from prompttrain.proxy import exchange_metrics, token_stats
 from prompttrain.proxy.accounts import CooldownTable, Resolution, authorise
 from prompttrain.proxy.errors import (
     InvalidRequestError,
@@ -73,11 +78,12 @@ class ProxyState:
     oauth: OAuthManager
     engine: AsyncEngine | None
     writer: RequestWriter | None
-    credentials: CredentialDirectory
+    credentials: CredentialSource
     snapshot: CredentialSnapshot = EMPTY_SNAPSHOT
     cooldowns: CooldownTable = field(default_factory=CooldownTable)
     accepting: bool = True
     upstream_proxy: str | None = None
+    slack: SlackSender | None = None
     _ready_checked_at: float = -1e9
     _database_ready: bool = False
 
@@ -94,7 +100,7 @@ class ProxyState:
         return self._database_ready
 
     async def reload_credentials(self) -> None:
-        snapshot, changed = await asyncio.to_thread(self.credentials.scan)
+        snapshot, changed = await self.credentials.scan()
         if changed or snapshot is not self.snapshot:
             new_oauth = [
                 name
@@ -107,7 +113,7 @@ class ProxyState:
 
     async def watch_credentials(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.credentials_reload_seconds)
+            await self.credentials.wait_for_change()
             try:
                 await self.reload_credentials()
             except Exception:
@@ -129,9 +135,12 @@ def create_app(settings: Settings) -> Starlette:
                 await watcher
             await stop_state(state)
 
+    # Counted as in flight from arrival until the response's last byte (the body is sent after `forward` returns).
+    forwarding = exchange_metrics.CountInFlight(request_response(forward))
     routes = [
-        Route("/v1/messages", forward, methods=["POST"]),
-        Route("/v1/{rest:path}", forward, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/v1/messages", forwarding, methods=["POST"]),
+        Route("/v1/{rest:path}", forwarding, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/token-stats", token_stats_endpoint, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
@@ -145,10 +154,15 @@ def create_app(settings: Settings) -> Starlette:
 
 
 async def start_state(settings: Settings) -> ProxyState:
+    # Metric labels and prices are process-wide (rows are priced in the writer's worker thread): set them first.
+    exchange_metrics.configure(settings.metrics_model_label)
+    use_pricing(await asyncio.to_thread(load_pricing, settings.pricing_file))
     client = create_upstream_session(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
     engine: AsyncEngine | None = None
     writer: RequestWriter | None = None
     store: OAuthTokenStore | None = None
+    slack = SlackSender.from_settings(settings)
+    credentials = open_credential_source(settings)  # CREDENTIALS_SOURCE: directory or kubernetes
     if settings.storage_enabled:
         if settings.should_migrate_on_start:
             await migrate(settings.database_url)
@@ -161,6 +175,8 @@ async def start_state(settings: Settings) -> ProxyState:
             metadata_queue_size=settings.writer_queue_size,
             payload_memory_bytes=settings.writer_payload_memory_bytes,
             store_payloads=settings.store_payloads,
+            # Usage metrics and Slack notices come from the rows the writer builds, never from the request path.
+            observers=[exchange_metrics.UsageMeter(), SlackObserver(slack, settings, lambda: state.snapshot)],
         )
         writer.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
@@ -178,15 +194,18 @@ async def start_state(settings: Settings) -> ProxyState:
         oauth=oauth,
         engine=engine,
         writer=writer,
-        credentials=CredentialDirectory(settings.credentials_dir),
+        credentials=credentials,
         upstream_proxy=outbound_proxy(settings.upstream_base),
+        slack=slack,
     )
+    slack.start()
+    await credentials.start()
     await state.reload_credentials()
     log.info(
         "proxy ready: %d trains, %d accounts from %s, upstream %s",
         len(state.snapshot.trains),
         len(state.snapshot.accounts),
-        settings.credentials_dir,
+        credentials.describe(),
         settings.upstream_base,
     )
     return state
@@ -195,6 +214,10 @@ async def start_state(settings: Settings) -> ProxyState:
 async def stop_state(state: ProxyState) -> None:
     if state.writer is not None:
         await state.writer.stop(state.settings.writer_shutdown_seconds)
+    if state.slack is not None:
+        # After the writer: its last observations may still queue notifications.
+        await state.slack.stop(state.settings.slack_timeout_seconds)
+    await state.credentials.close()
     await state.client.close()
     if state.engine is not None:
         await state.engine.dispose()
@@ -329,6 +352,7 @@ async def forward(request: Request) -> Response:
         return error_response(error, record, state)
     if upstream.status == 429 and resolution.account is not None:
         state.cooldowns.start(resolution.account.name, upstream.headers.get("retry-after"))
+        metrics.ACCOUNT_COOLDOWNS.labels(resolution.account.name).inc()
     return UpstreamResponse(upstream, record, state.writer, watch)
 
 
@@ -339,7 +363,8 @@ def error_response(error: ProxyError, record: ExchangeRecord, state: ProxyState)
         record.outcome = Outcome.UNREACHABLE
     if isinstance(error, RequestTooLargeError):
         record.request_body = record.parsed_body = None
-    return ErrorResponse(error, record, state.writer)
+    known = record.account_id is not None or record.train_id in state.snapshot.trains
+    return ErrorResponse(error, record, state.writer, exchange_metrics.train_label(record.train_id, known))
 
 
 async def health(request: Request) -> Response:
@@ -379,6 +404,11 @@ async def drop_event_logging(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def token_stats_endpoint(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    return await token_stats.answer(state.engine, state.snapshot, request.query_params.get("train_id"))
+
+
 async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -392,6 +422,8 @@ async def describe(request: Request) -> Response:
                 "messages": "POST /v1/messages",
                 "passthrough": "/v1/*",
                 "health": "GET /health, /health/live, /health/ready",
+                "token_stats": "GET /token-stats[?train_id=]",
+                "metrics": "GET /metrics",
             },
         }
     )

@@ -23,6 +23,7 @@ import aiohttp
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from prompttrain.proxy import exchange_metrics
 from prompttrain.proxy.errors import ProxyError, UpstreamTimeoutError, UpstreamUnreachableError
 from prompttrain.proxy.headers import HOP_BY_HOP, connection_tokens, recorded_response_headers
 from prompttrain.storage.records import ExchangeRecord, Outcome
@@ -191,6 +192,7 @@ class UpstreamResponse(Response):
             self.watch.stop()
             self.upstream.close()
             record.finished = time.perf_counter()
+            exchange_metrics.request_finished(record)
             if self.writer is not None:
                 self.writer.submit(record)
 
@@ -228,6 +230,7 @@ class ClientGoneResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.record.finished = time.perf_counter()
+        exchange_metrics.request_finished(self.record)
         if self.writer is not None:
             self.writer.submit(self.record)
 
@@ -235,12 +238,17 @@ class ClientGoneResponse(Response):
 class ErrorResponse(Response):
     """An error the proxy answers itself, in Anthropic's error shape, recorded like any other exchange."""
 
-    def __init__(self, error: ProxyError, record: ExchangeRecord, writer: RequestWriter | None) -> None:
+    def __init__(
+        self, error: ProxyError, record: ExchangeRecord, writer: RequestWriter | None, train_label: str | None = None
+    ) -> None:
         self.status_code = error.status
         self.background = None
         self.error = error
         self.record = record
         self.writer = writer
+        # The metric label for the train: the record keeps whatever train-id the client sent, which may name no
+        # configured train; the label must not (a client could otherwise mint series at will).
+        self.train_label = train_label
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record, error = self.record, self.error
@@ -267,5 +275,6 @@ class ErrorResponse(Response):
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             record.finished = time.perf_counter()
+            exchange_metrics.request_finished(record, self.train_label)
             if self.writer is not None:
                 self.writer.submit(record)

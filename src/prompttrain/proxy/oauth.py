@@ -16,6 +16,7 @@ import time
 import aiohttp
 import orjson
 
+from prompttrain import metrics
 from prompttrain.credentials import OAuthAccount, OAuthTokens
 from prompttrain.proxy.errors import AuthenticationError
 from prompttrain.proxy.forwarding import outbound_proxy
@@ -28,6 +29,10 @@ FAILURE_MEMORY_SECONDS = 5.0
 
 class OAuthRefreshError(Exception):
     """The token endpoint refused or could not be reached; the message never contains a token."""
+
+    def __init__(self, message: str, result: str = "rejected") -> None:
+        super().__init__(message)
+        self.result = result  # the `result` label of prompttrain_oauth_refreshes_total
 
 
 class OAuthManager:
@@ -82,10 +87,13 @@ class OAuthManager:
         raise AuthenticationError(f"the OAuth token of account '{name}' expired and could not be refreshed")
 
     async def _refresh_coordinated(self, name: str, tokens: OAuthTokens) -> OAuthTokens:
+        async def refresh(current: OAuthTokens) -> OAuthTokens:
+            return await self.refresh(current, account=name)
+
         if self.store is None:
-            return await self.refresh(tokens)
+            return await refresh(tokens)
         try:
-            return await self.store.refresh_once(name, tokens, self.needs_refresh, self.refresh)
+            return await self.store.refresh_once(name, tokens, self.needs_refresh, refresh)
         except OAuthRefreshError:
             raise
         except Exception as error:  # noqa: BLE001 - database trouble must not stop a refresh the request needs
@@ -94,10 +102,19 @@ class OAuthManager:
                 type(error).__name__,
                 name,
             )
-            return await self.refresh(tokens)
+            return await refresh(tokens)
 
-    async def refresh(self, tokens: OAuthTokens) -> OAuthTokens:
-        """One call to the token endpoint (Claude Code's refresh_token grant)."""
+    async def refresh(self, tokens: OAuthTokens, account: str = "unknown") -> OAuthTokens:
+        """One call to the token endpoint (Claude Code's refresh_token grant), counted by result."""
+        try:
+            fresh = await self._call_token_endpoint(tokens)
+        except OAuthRefreshError as error:
+            metrics.OAUTH_REFRESHES.labels(account, error.result).inc()
+            raise
+        metrics.OAUTH_REFRESHES.labels(account, "success").inc()
+        return fresh
+
+    async def _call_token_endpoint(self, tokens: OAuthTokens) -> OAuthTokens:
         self.refresh_count += 1
         try:
             async with self.client.post(
@@ -114,15 +131,15 @@ class OAuthManager:
                 status = response.status
                 text = await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise OAuthRefreshError(f"token endpoint unreachable ({type(error).__name__})") from None
+            raise OAuthRefreshError(f"token endpoint unreachable ({type(error).__name__})", "unreachable") from None
         if status != 200:
-            raise OAuthRefreshError(f"token endpoint answered {status}")
+            raise OAuthRefreshError(f"token endpoint answered {status}", "rejected")
         try:
             payload = orjson.loads(text)
             access = payload["access_token"]
             expires_in = float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
-            raise OAuthRefreshError("token endpoint answered without access_token") from None
+            raise OAuthRefreshError("token endpoint answered without access_token", "invalid_response") from None
         scope = payload.get("scope")
         return OAuthTokens(
             access_token=str(access),

@@ -9,8 +9,8 @@ body whole grows quadratically with a conversation. Instead a body is split into
 - a template: the body with those keys kept in place (what is unique to the request): `messages` and a list
   `system`/`tools` become `[]`, a string `system` becomes null;
 - references: the blob digests, in order. A long message list is referenced through chunks: every full run of
-  64 message digests is itself a blob (its digests in hex), so a request stores at most a few chunk digests plus a
-  tail of under 64 message digests, instead of 32 bytes per message of the whole history (which grows
+  16 message digests is itself a blob (its digests in hex), so a request stores at most a few chunk digests plus a
+  tail of under 16 message digests, instead of 32 bytes per message of the whole history (which grows
   quadratically over a conversation too).
 
 `join_body` rebuilds the exact bytes: `split_body` returns None when the body would not come back byte for byte
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 DIGEST_SIZE = 32
-CHUNK_DIGESTS = 64
+CHUNK_DIGESTS = 16
 ADDRESSED_KEYS = ("system", "tools")
 
 

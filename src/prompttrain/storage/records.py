@@ -18,11 +18,16 @@ from typing import Any
 
 import orjson
 
+from prompttrain.conversation.attribution import tool_result_names
+from prompttrain.conversation.linking import SUBAGENT_TOOLS, compact_summary_of, facts_of
+from prompttrain.conversation.pricing import FREE, active_pricing
+from prompttrain.conversation.ratelimits import parse_windows
 from prompttrain.conversation.stream import summarise_stream
 from prompttrain.conversation.usage import tool_calls_of, usage_of
 from prompttrain.storage.content import split_body
 
 MAX_ERROR_MESSAGE = 2000
+LINK_KEY = "_link"  # the row key carrying LinkFacts from the converter to the insert (not a column)
 # Request ids are UUIDv4 drawn from a generator seeded once from the OS: unique, not secret (they are sent to the
 # client), and without a getrandom() system call per request (`uuid.uuid4` showed up in the proxy's profile).
 _ids = random.Random(os.urandom(32))
@@ -121,16 +126,38 @@ def build_rows(
 ) -> BuiltRows:
     """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
     row, message = _metadata_row(record)
+    row.update(conversation_columns(record.parsed_body, message))
     if record.payload_shed or not keep_payload:
         row["payload_shed"] = record.payload_shed
         return BuiltRows(row, None, message)
     return BuiltRows(row, payload_row(record, message, known_blobs), message)
 
 
+def conversation_columns(body: Any, message: dict[str, Any] | None) -> dict[str, Any]:
+    """Hashes and markers for conversation linking (done at insert, storage/linking_store.py)."""
+    facts = facts_of(body, message)
+    if facts is None:
+        return {}
+    return {
+        LINK_KEY: facts.to_json(),
+        "current_message_hash": facts.current_hash,
+        "system_hash": facts.system_hash,
+        "message_count": facts.message_count,
+        "compact_summary": compact_summary_of(facts, message),
+        "tool_result_names": tool_result_names(body) or None,
+        "task_tool_invocation": [
+            {"id": block.get("id"), "name": block.get("name"), "input": block.get("input")}
+            for block in tool_calls_of(message)
+            if block.get("name") in SUBAGENT_TOOLS
+        ]
+        or None,
+    }
+
+
 def build_row(record: ExchangeRecord) -> dict[str, Any]:
     """The `api_requests` row plus `response_body` (the rebuilt message): what tests and tools inspect."""
     row, message = _metadata_row(record)
-    return {**row, "response_body": message}
+    return {**row, **conversation_columns(record.parsed_body, message), "response_body": message}
 
 
 def payload_row(
@@ -233,6 +260,7 @@ def _metadata_row(record: ExchangeRecord) -> tuple[dict[str, Any], dict[str, Any
         "request_bytes": len(record.request_body or b""),
         "payload_shed": False,
     }
+    row.update(_cost_and_windows(record, message, status))
     return row, message
 
 
@@ -248,3 +276,25 @@ def _stop_reason(message: dict[str, Any] | None) -> str | None:
         return None
     value = message.get("stop_reason")
     return str(value)[:64] if value is not None else None
+
+
+def _cost_and_windows(record: ExchangeRecord, message: dict[str, Any] | None, status: int | None) -> dict[str, Any]:
+    """`cost_usd`/`cost_estimated` (pricing table) and the subscription windows (rate-limit response headers)."""
+    cost = FREE
+    if status is not None and status < 400 and isinstance(message, dict):
+        # The response names the model that served (and billed) the request; the request's is the fallback.
+        served = message.get("model")
+        model = served if isinstance(served, str) and served else record.model
+        cost = active_pricing().cost(model, message.get("usage"), record.started_at)
+    windows = parse_windows(record.response_headers) if record.response_headers else None
+    five_hours = windows.window("5h") if windows is not None else None
+    seven_days = windows.window("7d") if windows is not None else None
+    return {
+        "cost_usd": round(cost.usd, 9),
+        "cost_estimated": cost.estimated,
+        "ratelimit_status": windows.status if windows is not None else None,
+        "ratelimit_5h_utilization": five_hours.utilization if five_hours is not None else None,
+        "ratelimit_5h_reset": five_hours.resets_at if five_hours is not None else None,
+        "ratelimit_7d_utilization": seven_days.utilization if seven_days is not None else None,
+        "ratelimit_7d_reset": seven_days.resets_at if seven_days is not None else None,
+    }

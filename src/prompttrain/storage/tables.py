@@ -64,6 +64,9 @@ api_requests = sa.Table(
     sa.Column("message_count", sa.Integer(), nullable=False, server_default="0"),
     # Agent/Task tool_use blocks of the response ([{id, name, input}]): where sub-agents come from.
     sa.Column("task_tool_invocation", JsonDocument),
+    # For summarisation (compaction) requests: the start of the summary the model wrote, lower-cased, so that the
+    # continuation request Claude Code sends afterwards can be joined to this conversation.
+    sa.Column("compact_summary", sa.Text()),
     # Names of the tools whose results this request carries (cost attribution per tool).
     sa.Column("tool_result_names", JsonDocument),
     # Cost at write time from the pricing table; `cost_estimated` when the model was priced by family.
@@ -78,10 +81,8 @@ api_requests = sa.Table(
     sa.Index(None, "timestamp"),
     sa.Index(None, "train_id", "timestamp"),
     sa.Index(None, "account_id", "timestamp"),
-    sa.Index(None, "session_id"),
     sa.Index(None, "conversation_id", "timestamp"),
     sa.Index(None, "train_id", "current_message_hash"),
-    sa.Index(None, "parent_message_hash"),
     postgresql_partition_by="RANGE (timestamp)",
 )
 
@@ -113,6 +114,21 @@ content_blobs = sa.Table(
     # Refreshed (at most daily) whenever a request references the blob; payload retention deletes stale blobs.
     sa.Column("last_seen", sa.Date(), nullable=False),
     sa.Index(None, "last_seen"),
+)
+
+# Every Agent/Task tool call, numbered within its conversation: a sub-agent's first request finds its parent here
+# by the digest of its prompt (the reference scans response bodies instead, §4.5).
+task_invocations = sa.Table(
+    "task_invocations",
+    metadata,
+    sa.Column("request_id", sa.Uuid(), primary_key=True),
+    sa.Column("tool_use_id", sa.String(255), primary_key=True),
+    sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("train_id", sa.String(255), nullable=False),
+    sa.Column("conversation_id", sa.Uuid()),
+    sa.Column("prompt_digest", sa.String(64), nullable=False),
+    sa.Column("ordinal", sa.Integer(), nullable=False),
+    sa.Index(None, "train_id", "prompt_digest", "timestamp"),
 )
 
 oauth_tokens = sa.Table(

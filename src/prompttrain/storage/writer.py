@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from prompttrain import metrics
+from prompttrain.storage.linking_store import insert_linked
 from prompttrain.storage.partitions import ensure_partitions
 from prompttrain.storage.records import BuiltRows, ExchangeRecord, PayloadRow, build_rows
 from prompttrain.storage.spool import Spool
@@ -297,9 +298,9 @@ class RequestWriter:
         marks = [entry for entry in entries if entry.get("op") == "shed"]
         async with self.engine.begin() as connection:
             if rows:
-                await connection.execute(_insert(connection, api_requests), rows)
+                inserted = await insert_linked(connection, rows)
                 if connection.dialect.name == "postgresql":
-                    await connection.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, _notification(rows))))
+                    await connection.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, _notification(inserted))))
             for mark in marks:
                 await connection.execute(
                     sa.update(api_requests)
@@ -462,22 +463,32 @@ def _shed_mark(payload_row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_DATETIME_COLUMNS = frozenset(c.name for c in api_requests.columns if isinstance(c.type, sa.DateTime))
+_UUID_COLUMNS = frozenset(c.name for c in api_requests.columns if isinstance(c.type, sa.Uuid))
+
+
 def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Rows read back from the spool carry their id and timestamp as strings."""
-    request_id, timestamp = row["request_id"], row["timestamp"]
-    return {
-        **row,
-        "request_id": request_id if isinstance(request_id, uuid.UUID) else uuid.UUID(request_id),
-        "timestamp": timestamp if isinstance(timestamp, datetime) else datetime.fromisoformat(timestamp),
-    }
+    """Rows read back from the spool carry their ids and times as strings (JSON)."""
+    decoded = dict(row)
+    for key, value in row.items():
+        if isinstance(value, str):
+            if key in _DATETIME_COLUMNS:
+                decoded[key] = datetime.fromisoformat(value)
+            elif key in _UUID_COLUMNS:
+                decoded[key] = uuid.UUID(value)
+    return decoded
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether to retry later: anything but a row the database will never accept (bad data, a constraint)."""
+    """Whether to retry later (the database is unreachable or busy) rather than isolate a row it refuses.
+
+    Refused for good: bad data, a violated constraint, a value Python could not convert, or a bug of ours.
+    """
+    if isinstance(error, OSError | TimeoutError):
+        return True
     if isinstance(error, sa_exc.DataError | sa_exc.IntegrityError):
         return False
-    # A StatementError that is not a DBAPIError failed in Python, converting a value: retrying cannot help.
-    return not (isinstance(error, sa_exc.StatementError) and not isinstance(error, sa_exc.DBAPIError))
+    return isinstance(error, sa_exc.DBAPIError)
 
 
 def describe(error: BaseException) -> str:

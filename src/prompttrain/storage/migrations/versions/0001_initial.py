@@ -64,7 +64,6 @@ def upgrade() -> None:
     op.create_index("ix_api_requests_timestamp", "api_requests", ["timestamp"])
     op.create_index("ix_api_requests_train_id_timestamp", "api_requests", ["train_id", "timestamp"])
     op.create_index("ix_api_requests_account_id_timestamp", "api_requests", ["account_id", "timestamp"])
-    op.create_index("ix_api_requests_session_id", "api_requests", ["session_id"])
     op.create_table(
         "request_payloads",
         sa.Column("request_id", sa.Uuid(), nullable=False),

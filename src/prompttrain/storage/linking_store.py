@@ -1,0 +1,216 @@
+"""Conversation linking against the database, inside the writer's insert transaction.
+
+Each linked row is looked up and inserted in the same transaction, one after the other, so a later row of the same
+batch sees an earlier one as its parent. On PostgreSQL the transaction first takes advisory locks on the rows'
+parent hashes (sorted, so two writers never deadlock): two replicas inserting siblings of one parent serialise, and
+the second sees the first and opens a branch, as a single writer would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from prompttrain.conversation.linking import LinkFacts, ParentRow, TaskMatch, link, summary_matches
+from prompttrain.storage.records import LINK_KEY
+from prompttrain.storage.tables import api_requests, task_invocations
+
+log = logging.getLogger(__name__)
+
+COMPACT_CANDIDATES = 50
+PARENT_COLUMNS = (
+    api_requests.c.request_id,
+    api_requests.c.conversation_id,
+    api_requests.c.branch_id,
+    api_requests.c.current_message_hash,
+    api_requests.c.is_subtask,
+    api_requests.c.parent_task_request_id,
+)
+COMPLETED = api_requests.c.outcome == "completed"
+
+
+def _parent(row: Any) -> ParentRow:
+    return ParentRow(
+        request_id=row.request_id,
+        conversation_id=row.conversation_id,
+        branch_id=row.branch_id,
+        current_message_hash=row.current_message_hash,
+        is_subtask=bool(row.is_subtask),
+        parent_task_request_id=row.parent_task_request_id,
+    )
+
+
+class DatabaseHistory:
+    """`conversation.linking.History` for one train, on the writer's connection.
+
+    `live` (the writer, rows arriving in completion order): any sibling already stored counts, whenever it started,
+    so that of two siblings in flight at once exactly one stays on the parent's branch. Relinking stored history
+    (rows in start order) counts only siblings that started earlier.
+    """
+
+    def __init__(self, connection: AsyncConnection, train_id: str, *, live: bool = True) -> None:
+        self.connection = connection
+        self.train_id = train_id
+        self.live = live
+
+    async def find_parent(
+        self, message_hash: str, system_hash: str | None, before: datetime, session_id: str | None
+    ) -> ParentRow | None:
+        query = sa.select(*PARENT_COLUMNS).where(
+            api_requests.c.train_id == self.train_id,
+            api_requests.c.current_message_hash == message_hash,
+            api_requests.c.timestamp < before,
+            COMPLETED,
+        )
+        if system_hash is not None:
+            query = query.where(api_requests.c.system_hash == system_hash)
+        order: list[Any] = []
+        if session_id is not None:
+            order.append(sa.case((api_requests.c.session_id == session_id, 0), else_=1))
+        query = query.order_by(*order, api_requests.c.timestamp.desc()).limit(1)
+        row = (await self.connection.execute(query)).first()
+        return _parent(row) if row is not None else None
+
+    async def has_children(
+        self, conversation_id: uuid.UUID, parent_hash: str, before: datetime, exclude: uuid.UUID
+    ) -> bool:
+        query = sa.select(api_requests.c.request_id).where(
+            api_requests.c.conversation_id == conversation_id,
+            api_requests.c.parent_message_hash == parent_hash,
+            api_requests.c.request_id != exclude,
+            COMPLETED,
+        )
+        if not self.live:
+            query = query.where(api_requests.c.timestamp < before)
+        query = query.limit(1)
+        return (await self.connection.execute(query)).first() is not None
+
+    async def find_task(self, prompt_digest: str, since: datetime, before: datetime) -> TaskMatch | None:
+        query = (
+            sa.select(task_invocations.c.request_id, task_invocations.c.conversation_id, task_invocations.c.ordinal)
+            .where(
+                task_invocations.c.train_id == self.train_id,
+                task_invocations.c.prompt_digest == prompt_digest,
+                task_invocations.c.timestamp >= since,
+                task_invocations.c.timestamp < before,
+            )
+            .order_by(task_invocations.c.timestamp.desc())
+            .limit(1)
+        )
+        row = (await self.connection.execute(query)).first()
+        return TaskMatch(row.request_id, row.conversation_id, row.ordinal) if row is not None else None
+
+    async def find_compacted(self, probe: str, legacy: str, since: datetime, before: datetime) -> ParentRow | None:
+        query = (
+            sa.select(*PARENT_COLUMNS, api_requests.c.compact_summary)
+            .where(
+                api_requests.c.train_id == self.train_id,
+                api_requests.c.compact_summary.is_not(None),
+                api_requests.c.timestamp >= since,
+                api_requests.c.timestamp < before,
+                COMPLETED,
+            )
+            .order_by(api_requests.c.timestamp.desc())
+            .limit(COMPACT_CANDIDATES)
+        )
+        for row in await self.connection.execute(query):
+            if summary_matches(row.compact_summary, probe, legacy):
+                return _parent(row)
+        return None
+
+
+def lock_key(row: dict[str, Any], facts: LinkFacts) -> int:
+    anchor = facts.parent_hash or facts.subtask_prompt_digest or facts.current_hash or ""
+    digest = hashlib.sha256(f"{row['train_id']}:{anchor}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def insert_linked(connection: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Link each row that carries facts, then insert it (and its Agent/Task calls), in the caller's transaction.
+
+    Returns the rows as inserted (with their conversation columns).
+    """
+    pending = [(row, LinkFacts.from_json(row[LINK_KEY])) for row in rows if row.get(LINK_KEY)]
+    plain = [_without_facts(row) for row in rows if not row.get(LINK_KEY)]
+    postgres = connection.dialect.name == "postgresql"
+    insert = postgresql.insert if postgres else sqlite.insert
+    if postgres and pending:
+        for key in sorted({lock_key(row, facts) for row, facts in pending}):
+            await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+    inserted = []
+    for row, facts in pending:
+        values = _without_facts(row)
+        inserted.append(values)
+        values.update(await link_row(connection, values, facts))
+        await connection.execute(
+            insert(api_requests).on_conflict_do_nothing(index_elements=["request_id", "timestamp"]), [values]
+        )
+        if facts.task_calls and values.get("conversation_id") is not None:
+            await record_task_calls(connection, values, facts)
+    if plain:
+        await connection.execute(
+            insert(api_requests).on_conflict_do_nothing(index_elements=["request_id", "timestamp"]), plain
+        )
+    return [*inserted, *plain]
+
+
+async def link_row(
+    connection: AsyncConnection, row: dict[str, Any], facts: LinkFacts, *, live: bool = True
+) -> dict[str, Any]:
+    """The conversation columns of one row, linked against what the database holds before it."""
+    history = DatabaseHistory(connection, row["train_id"], live=live)
+    try:
+        result = await link(
+            facts,
+            history,
+            request_id=row["request_id"],
+            timestamp=row["timestamp"],
+            session_id=row.get("session_id"),
+        )
+    except sa_exc.SQLAlchemyError:
+        raise  # the database's trouble: the writer retries or spools the batch
+    except Exception:
+        # A linking bug must not lose the record: store it as the start of a conversation of its own.
+        log.exception("could not link request %s; recording it as a new conversation", row["request_id"])
+        return {"conversation_id": uuid.uuid4(), "branch_id": "main"}
+    return result.as_columns()
+
+
+async def record_task_calls(connection: AsyncConnection, row: dict[str, Any], facts: LinkFacts) -> None:
+    """Number the row's Agent/Task calls after the conversation's earlier ones, for its sub-agents to find."""
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    conversation_id = row["conversation_id"]
+    latest = await connection.execute(
+        sa.select(sa.func.coalesce(sa.func.max(task_invocations.c.ordinal), 0)).where(
+            task_invocations.c.conversation_id == conversation_id
+        )
+    )
+    first = int(latest.scalar_one()) + 1
+    await connection.execute(
+        insert(task_invocations).on_conflict_do_nothing(),
+        [
+            {
+                "request_id": row["request_id"],
+                "tool_use_id": call.tool_use_id,
+                "timestamp": row["timestamp"],
+                "train_id": row["train_id"],
+                "conversation_id": conversation_id,
+                "prompt_digest": call.prompt_digest,
+                "ordinal": first + index,
+            }
+            for index, call in enumerate(facts.task_calls)
+        ],
+    )
+
+
+def _without_facts(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != LINK_KEY}
