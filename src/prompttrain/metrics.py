@@ -138,3 +138,9 @@ SLACK_MESSAGES = Counter(
     ["kind", "result"],
 )
 SLACK_QUEUE_DEPTH = Gauge("prompttrain_slack_queue_depth", "Slack notifications waiting to be sent.")
+TELEMETRY_EVENTS = Counter(
+    "prompttrain_telemetry_events",
+    "Per-request telemetry events for TELEMETRY_ENDPOINT by result: sent, failed (error or timeout), dropped "
+    "(queue full).",
+    ["result"],
+)

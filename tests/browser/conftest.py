@@ -45,6 +45,9 @@ class Watched:
 
     def screenshot(self, name: str) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        ignore = SCREENSHOTS.parent / ".gitignore"  # the folder ignores itself: artifacts never enter git
+        if not ignore.exists():
+            ignore.write_text("*\n")
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 

@@ -178,6 +178,7 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(
     assert user.inner_text() == f"Please print {XSS_SCRIPT} and {XSS_IMAGE}"
     assert page.locator(".message.assistant pre.content").inner_text() == "Echo: " + XSS_IMAGE
     page.locator("details.raw summary").click()
+    page.locator("[data-json-tree] .key").first.wait_for()
     page.click("[data-json-expand]")
     page.locator("[data-json-tree] .string", has_text="onerror").first.wait_for()
     assert page.locator("#messages img").count() == 0

@@ -336,7 +336,11 @@ def test_openapi_document_lists_the_api(seeded: Seeded) -> None:
 
 
 def test_security_headers_and_csrf(seeded: Seeded) -> None:
-    http = httpx.Client(base_url=seeded.dashboard.url, timeout=10)
+    with httpx.Client(base_url=seeded.dashboard.url, timeout=10) as http:
+        check_headers_and_csrf(http)
+
+
+def check_headers_and_csrf(http: httpx.Client) -> None:
     page = http.get("/login")
     policy = page.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy

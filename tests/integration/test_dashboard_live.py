@@ -141,6 +141,11 @@ def test_sqlite_dashboard_polls_for_new_requests(sqlite_url: str, tmp_path: Path
         assert event["requests"] == [{"id": str(row["request_id"]), "train": "alpha", "conversation": None}]
         listed = httpx.get(f"{dashboard.url}/api/requests", headers=KEY).json()["requests"]
         assert [item["request_id"] for item in listed] == [str(row["request_id"])]
+        overview = httpx.get(f"{dashboard.url}/api/overview?range=1h", headers=KEY).json()  # the SQLite grouping
+        assert overview["totals"]["requests"] == 1 and overview["by_train"][0]["name"] == "alpha"
+        assert sum(point["totals"]["requests"] for point in overview["series"]) == 1
+        for page in ("/", "/requests", "/token-usage", "/conversations", "/trains"):
+            assert httpx.get(dashboard.url + page, headers=KEY).status_code == 200, page
     finally:
         dashboard.stop()
 

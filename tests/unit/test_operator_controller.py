@@ -77,7 +77,7 @@ async def test_a_train_is_reconciled_on_sight_and_again_only_when_its_essence_ch
         await controller.close()
 
 
-async def test_secrets_wake_the_trains_that_reference_them_or_whose_own_secret_was_deleted() -> None:
+async def test_secrets_wake_the_trains_that_reference_or_own_them() -> None:
     recorder = Recorder()
     controller = TrainController(recorder, resync_seconds=3600)
     try:
@@ -92,13 +92,15 @@ async def test_secrets_wake_the_trains_that_reference_them_or_whose_own_secret_w
 
         controller.observe_secret("MODIFIED", secret("unrelated"))
         controller.observe_secret("MODIFIED", secret("acme-key", namespace="elsewhere"))
-        controller.observe_secret("MODIFIED", secret("other-credentials"))  # its own write: nothing to do
         await settle()
         assert len(recorder.calls) == 3
 
         controller.observe_secret("DELETED", secret("other-credentials"))  # someone deleted it: write it again
         await until(lambda: len(recorder.calls) == 4)
         assert recorder.calls[-1][0] == "other"
+        controller.observe_secret("MODIFIED", secret("acme-client-keys"))  # edited: check it
+        await until(lambda: len(recorder.calls) == 5)
+        assert recorder.calls[-1][0] == "acme"
     finally:
         await controller.close()
 

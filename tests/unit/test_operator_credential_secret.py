@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
+from lightkube.core.exceptions import ApiError
+from lightkube.models.meta_v1 import ObjectMeta, Status
+from lightkube.resources.core_v1 import Secret
 
 from prompttrain.credential_sources import (
+    CredentialSourceError,
     DirectorySource,
     KubernetesSecretSource,
     SecretSnapshots,
@@ -117,3 +125,88 @@ async def test_the_directory_source_scans_the_credential_directory(tmp_path: Pat
     await source.wait_for_change()
     assert (await source.scan())[1] is False
     await source.close()
+
+
+class FakeListing:
+    def __init__(self, secrets: list[Secret], version: str) -> None:
+        self.secrets, self.resourceVersion = secrets, version
+
+    def __aiter__(self) -> AsyncIterator[Secret]:
+        async def items() -> AsyncIterator[Secret]:
+            for item in self.secrets:
+                yield item
+
+        return items()
+
+
+class FakeApi:
+    """Stands in for lightkube's AsyncClient: scripted lists, and watches that deliver events or fail."""
+
+    def __init__(self) -> None:
+        self.lists: list[FakeListing] = []
+        self.watches: list[list[tuple[str, Secret] | Exception]] = []
+        self.watched_from: list[str | None] = []
+
+    def list(self, *_: Any, **__: Any) -> FakeListing:
+        return self.lists.pop(0)
+
+    def watch(self, *_: Any, resource_version: str | None = None, **__: Any) -> AsyncIterator[tuple[str, Secret]]:
+        self.watched_from.append(resource_version)
+        script = self.watches.pop(0) if self.watches else []
+
+        async def events() -> AsyncIterator[tuple[str, Secret]]:
+            for item in script:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+            await asyncio.Event().wait()  # a quiet, open stream
+
+        return events()
+
+    async def close(self) -> None:
+        return None
+
+
+def k8s_secret(name: str, version: str, train_id: str) -> Secret:
+    return Secret(metadata=ObjectMeta(name=name, resourceVersion=version), data=data(train_id))
+
+
+async def test_the_watch_resumes_from_the_last_version_and_lists_again_after_410() -> None:
+    api = FakeApi()
+    api.lists = [
+        FakeListing([k8s_secret("a-credentials", "10", "a")], "10"),
+        FakeListing([k8s_secret("b-credentials", "30", "b")], "30"),  # after the 410: a is gone, b is new
+    ]
+    api.watches = [
+        [("MODIFIED", k8s_secret("a-credentials", "12", "a2")), ConnectionError("reset")],
+        [ApiError(status=Status(code=410, message="too old"))],
+    ]
+    source = KubernetesSecretSource("team", "prompttrain.io/credentials=train")
+    source._client = cast(Any, api)
+    version = await source._list()
+    assert version == "10" and list((await source.scan())[0].trains) == ["a"]
+    watcher = asyncio.create_task(source._watch(version))
+    try:
+        await asyncio.wait_for(source.wait_for_change(), 5)
+        assert list((await source.scan())[0].trains) == ["a2"]
+
+        async def relisted() -> None:
+            while list((await source.scan())[0].trains) != ["b"]:
+                await source.wait_for_change()
+
+        await asyncio.wait_for(relisted(), 10)
+        while len(api.watched_from) < 3:
+            await asyncio.sleep(0.01)
+        # Resumed from the last version delivered after the reset; from the new list's version after the 410.
+        assert api.watched_from == ["10", "12", "30"]
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def test_no_kubernetes_configuration_fails_the_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(CredentialSourceError, match="no Kubernetes configuration"):
+        await KubernetesSecretSource(None, "prompttrain.io/credentials=train").start()

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import sqlalchemy as sa
@@ -55,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.database_url, pool_size=5)
+        if engine.dialect.name == "postgresql":
+            sa.event.listen(engine.sync_engine, "connect", _without_jit)
         hub = LiveHub()
         app.state.dashboard = DashboardState(
             settings=settings,
@@ -118,6 +121,13 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _without_jit(dbapi_connection: Any, _record: Any) -> None:
+    # The dashboard's aggregates scan ~10^5 rows: PostgreSQL's JIT compiles them for 30-40 ms and wins nothing back.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET jit = off")
+    cursor.close()
 
 
 def wants_page(request: Request) -> bool:

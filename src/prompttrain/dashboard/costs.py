@@ -1,8 +1,8 @@
 """Cost per tool and per sub-agent branch of a conversation, from the conversation-linking work's
 `prompttrain.storage.conversation_queries.conversation_costs(connection, conversation_id)`.
 
-INTEGRATION POINT: that function is looked up at call time. Until it exists this returns None and the
-conversation page shows per-branch totals only (computed from `cost_usd` by dashboard_queries).
+INTEGRATION POINT: the function is looked up at call time, so the dashboard also runs on a tree without it (or
+with it failing): this then returns None and the conversation page shows per-branch totals only.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 kopf delivers every watch event (handlers.py); this module decides which Trains to reconcile and when:
 
 - a Train is reconciled when it appears, when its generation or rotation annotation changes (its own status
-  updates do not count), and when a Secret it references changes or one of its own Secrets is deleted;
+  updates do not count), and when a Secret it references or one of its own Secrets changes (its own writes come
+  back as events too: the reconciliation they cause finds nothing to do, and an edit by someone else is undone);
 - each Train's loop runs one reconciliation at a time, and again when asked during one (no lost wake-up);
 - after a reconciliation the loop sleeps until the deadline it returned (the next key rotation or the end of an
   overlap window) or the resync interval, whichever comes first; a failure is retried with backoff;
@@ -81,15 +82,14 @@ class TrainController:
                 self._wake_blocked(key[0])
 
     def observe_secret(self, kind: str | None, body: Mapping[str, Any]) -> None:
-        """A watch event of a Secret: wake the Trains that read it, or whose own Secret was deleted."""
+        """A watch event of a Secret: wake the Trains that read it or own it."""
         metadata = body.get("metadata") or {}
         namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
         for key in self.trains_using(namespace, name):
             self.poke(key)
-        if kind == "DELETED":
-            for key in list(self.trains):
-                if key[0] == namespace and name in (credential_secret_name(key[1]), client_key_secret_name(key[1])):
-                    self.poke(key)
+        for key in list(self.trains):
+            if key[0] == namespace and name in (credential_secret_name(key[1]), client_key_secret_name(key[1])):
+                self.poke(key)
 
     def trains_using(self, namespace: str, secret: str) -> list[TrainKey]:
         return [key for key, body in self.trains.items() if key[0] == namespace and secret in referenced_secrets(body)]

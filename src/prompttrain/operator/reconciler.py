@@ -157,7 +157,6 @@ class Reconciler:
         train = TrainRef.from_body(body)
         now = self.clock()
         reader = SecretReader(self.client, train.namespace)
-        deadline: datetime | None = None
         try:
             spec = parse_spec(train.name, body.get("spec") or {})
         except NotReadyError as problem:

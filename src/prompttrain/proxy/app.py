@@ -27,6 +27,7 @@ from prompttrain.notifications.observer import SlackObserver
 from prompttrain.notifications.sender import SlackSender
 from prompttrain.proxy import exchange_metrics, token_stats
 from prompttrain.proxy.accounts import CooldownTable, Resolution, authorise
+from prompttrain.proxy.client_setup import ClientSetupFiles, find_directory
 from prompttrain.proxy.errors import (
     InvalidRequestError,
     ProxyError,
@@ -65,6 +66,7 @@ from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_
 from prompttrain.storage.records import ExchangeRecord, Outcome, new_request_id
 from prompttrain.storage.spool import Spool
 from prompttrain.storage.writer import RequestWriter
+from prompttrain.telemetry import TelemetrySender
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ProxyState:
     accepting: bool = True
     upstream_proxy: str | None = None
     slack: SlackSender | None = None
+    telemetry: TelemetrySender | None = None
     _ready_checked_at: float = -1e9
     _database_ready: bool = False
 
@@ -146,6 +149,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health/ready", ready, methods=["GET"]),
         Route("/api/event_logging/{rest:path}", drop_event_logging, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/client-setup/{file:path}", ClientSetupFiles(find_directory()), methods=["GET"]),
         Route("/", describe, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -162,6 +166,7 @@ async def start_state(settings: Settings) -> ProxyState:
     writer: RequestWriter | None = None
     store: OAuthTokenStore | None = None
     slack = SlackSender.from_settings(settings)
+    telemetry = TelemetrySender(str(settings.telemetry_endpoint)) if settings.telemetry_endpoint else None
     credentials = open_credential_source(settings)  # CREDENTIALS_SOURCE: directory or kubernetes
     if settings.storage_enabled:
         if settings.should_migrate_on_start:
@@ -176,7 +181,11 @@ async def start_state(settings: Settings) -> ProxyState:
             payload_memory_bytes=settings.writer_payload_memory_bytes,
             store_payloads=settings.store_payloads,
             # Usage metrics and Slack notices come from the rows the writer builds, never from the request path.
-            observers=[exchange_metrics.UsageMeter(), SlackObserver(slack, settings, lambda: state.snapshot)],
+            observers=[
+                exchange_metrics.UsageMeter(),
+                SlackObserver(slack, settings, lambda: state.snapshot),
+                *([telemetry] if telemetry is not None else []),
+            ],
         )
         writer.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
@@ -197,8 +206,11 @@ async def start_state(settings: Settings) -> ProxyState:
         credentials=credentials,
         upstream_proxy=outbound_proxy(settings.upstream_base),
         slack=slack,
+        telemetry=telemetry,
     )
     slack.start()
+    if telemetry is not None:
+        telemetry.start()
     await credentials.start()
     await state.reload_credentials()
     log.info(
@@ -217,6 +229,8 @@ async def stop_state(state: ProxyState) -> None:
     if state.slack is not None:
         # After the writer: its last observations may still queue notifications.
         await state.slack.stop(state.settings.slack_timeout_seconds)
+    if state.telemetry is not None:
+        await state.telemetry.stop()
     await state.credentials.close()
     await state.client.close()
     if state.engine is not None:

@@ -144,7 +144,8 @@
           closed.slice(0, 2000).forEach(function (li) { li.expand(); });
           if (closed.length && ++rounds < 12) window.requestAnimationFrame(step);
         };
-        step();
+        if (!details.open) details.open = true;
+        window.setTimeout(function () { (loaded || Promise.resolve()).then(step); }, 0);
       });
       var copy = details.querySelector("[data-json-copy]");
       if (copy) copy.addEventListener("click", function () {
