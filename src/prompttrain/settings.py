@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     store_payloads: bool = True
     # On SIGTERM, how long in-flight requests (long Claude Code streams) may run before they are cut.
     shutdown_grace_seconds: float = Field(default=600.0, ge=0)
+    # Whether /health/ready fails while the database is unreachable. The proxy keeps serving either way (records
+    # go to the spool); several replicas behind a Service should set false, or an outage takes them all out.
+    readiness_requires_database: bool = True
     # On SIGTERM, how long to keep serving while reporting not-ready, so load balancers stop sending first.
     shutdown_delay_seconds: float = Field(default=0.0, ge=0)
     data_dir: Path = Path("data")

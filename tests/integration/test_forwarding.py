@@ -189,5 +189,18 @@ def test_readiness_reflects_an_unreachable_database(start_proxy: ProxyFactory, u
     assert "nothing" not in httpx.get(f"{proxy.url}/health").text
 
 
+def test_readiness_can_ignore_the_database(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    from tests.helpers import free_port
+
+    proxy = start_proxy(
+        f"postgresql://nobody:nothing@127.0.0.1:{free_port()}/none",
+        migrate_on_start="false",
+        writer_shutdown_seconds=0.5,
+        readiness_requires_database="false",
+    )
+    ready = httpx.get(f"{proxy.url}/health/ready")
+    assert ready.status_code == 200 and ready.json()["database"] is False
+
+
 def _json(value: Any) -> Any:
     return orjson.loads(value) if isinstance(value, str | bytes) else value

@@ -404,9 +404,17 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     accepting = state.accepting and not request.app.state.draining
-    is_ready = accepting and await state.database_ready()
+    database = await state.database_ready()
+    # With READINESS_REQUIRES_DATABASE=false (the Helm chart's choice) an unreachable database does not take the
+    # proxy out of service: requests keep flowing and their records wait in the spool.
+    is_ready = accepting and (database or not state.settings.readiness_requires_database)
     return JSONResponse(
-        {"ready": is_ready, "accepting": accepting, "timestamp": datetime.now(UTC).isoformat()},
+        {
+            "ready": is_ready,
+            "accepting": accepting,
+            "database": database,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
         status_code=200 if is_ready else 503,
     )
 
