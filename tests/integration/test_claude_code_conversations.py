@@ -23,8 +23,9 @@ holds one such session):
   dropped assistant message, a user message with the `/compact` local-command blocks and "Continue from where you
   left off.", a synthetic assistant "No response requested.", and the new user message.
 
-Linking therefore puts the compaction request itself on a `branch_*` of the turn before the last (its parent
-prefix is that turn's conversation, which already has children), and the turn after it on `compact_HHMMSS`.
+Linking recognises the appended instruction and hashes the compaction request's parent without it, so the
+compaction request follows the turn it summarises (on that turn's branch, not as a sibling opening a new
+`branch_*`), and the turn after it joins a `compact_HHMMSS` branch.
 
 Set PROMPTTRAIN_CAPTURE_FIXTURES=1 to rewrite the fixture from a CLI run (on SQLite).
 """
@@ -220,9 +221,10 @@ def assert_links(rows: dict[str, dict[str, Any]]) -> None:
     assert rows["resumed"]["branch_id"].startswith("branch_") and parent("resumed") == "turn3", context
     assert rows["resumed"]["parent_message_hash"] == rows["turn3"]["current_message_hash"], context
 
-    # The compaction request drops the last answer and appends its instruction to the last user message: its
-    # prefix is turn3's conversation again, a third child of turn3.
-    assert rows["compaction"]["branch_id"].startswith("branch_") and parent("compaction") == "turn3", context
+    # The compaction request drops the last answer and appends its instruction to the last user message: without
+    # the instruction it is the resumed turn's conversation, so it follows that turn on its branch.
+    assert parent("compaction") == "resumed", context
+    assert rows["compaction"]["branch_id"] == rows["resumed"]["branch_id"], context
 
     # The turn after the compaction starts from the summary: found through the compaction's response, on a
     # compact branch of the same conversation; the next turn follows it by hash and stays on that branch.

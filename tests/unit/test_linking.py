@@ -54,15 +54,10 @@ class MemoryHistory:
     async def find_parent(
         self, message_hash: str, system_hash: str | None, before: datetime, session_id: str | None
     ) -> ParentRow | None:
-        found = [
-            r
-            for r in self.rows
-            if r.completed
-            and r.facts.current_hash == message_hash
-            and r.timestamp < before
-            and (system_hash is None or r.facts.system_hash == system_hash)
-        ]
-        found.sort(key=lambda r: (r.session_id != session_id, -r.timestamp.timestamp()))
+        found = [r for r in self.rows if r.completed and r.facts.current_hash == message_hash and r.timestamp < before]
+        found.sort(
+            key=lambda r: (r.facts.system_hash != system_hash, r.session_id != session_id, -r.timestamp.timestamp())
+        )
         return self._parent(found[0]) if found else None
 
     async def has_children(
@@ -151,7 +146,7 @@ async def test_a_second_child_of_the_same_parent_opens_a_branch() -> None:
     main = await history.send(body(user("hi"), assistant("a"), user("left")), at=T0 + timedelta(seconds=1))
     other = await history.send(body(user("hi"), assistant("a"), user("right")), at=T0 + timedelta(seconds=2))
     assert main.branch_id == "main"
-    assert other.branch_id == "branch_20261126100002"
+    assert other.branch_id == "branch_20261126100002000"
     assert other.conversation_id == main.conversation_id
 
 

@@ -50,6 +50,8 @@ SUMMARY_ENDS = (
     "Continue the conversation from where it left off",
 )
 SUMMARIZER_SYSTEM = "You are a helpful AI assistant tasked with summarizing conversations"
+# Claude Code's compaction prompt ("Your task is to create a detailed summary of the conversation so far ...").
+SUMMARY_INSTRUCTION = "summary of the conversation"
 PROBE_LENGTH = 2000
 MIN_SUMMARY_LENGTH = 100
 MAX_STORED_SUMMARY = 65536
@@ -128,7 +130,10 @@ class History(Protocol):
 
     async def find_parent(
         self, message_hash: str, system_hash: str | None, before: datetime, session_id: str | None
-    ) -> ParentRow | None: ...
+    ) -> ParentRow | None:
+        """The newest request whose current hash is `message_hash`, preferring the same system prompt, then the
+        same session."""
+        ...
 
     async def has_children(
         self, conversation_id: uuid.UUID, parent_hash: str, before: datetime, exclude: uuid.UUID
@@ -193,6 +198,21 @@ def first_text(message: dict[str, Any] | None) -> str:
     return ""
 
 
+def without_summary_instruction(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Claude Code's compaction request is the conversation with a summary instruction appended as the last text
+    block of the last user message; without that block it is the conversation itself, whose last turn is its
+    parent (otherwise it would look like a sibling of that turn and open a branch)."""
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    content = messages[-1].get("content")
+    if not isinstance(content, list) or len(content) < 2:
+        return None
+    last = content[-1]
+    if not (isinstance(last, dict) and last.get("type") == "text" and SUMMARY_INSTRUCTION in str(last.get("text"))):
+        return None
+    return [*messages[:-1], {**messages[-1], "content": content[:-1]}]
+
+
 def facts_of(body: Any, response: dict[str, Any] | None) -> LinkFacts | None:
     """Hashes and markers of a Messages request (and its response); None if it is not a conversation turn."""
     if not isinstance(body, dict):
@@ -204,8 +224,13 @@ def facts_of(body: Any, response: dict[str, Any] | None) -> LinkFacts | None:
     system = system_text(body.get("system")) or ""
     last_user = next((m for m in reversed(conversation) if m.get("role") == "user"), None)
     summary_request = SUMMARIZER_SYSTEM in system or (
-        last_user is not None and "summary" in message_text(last_user).lower()
+        last_user is not None and SUMMARY_INSTRUCTION in message_text(last_user).lower()
     )
+    parent_hash, grandparent_hash = hashes.parent, hashes.grandparent
+    trimmed = without_summary_instruction(conversation) if summary_request else None
+    if trimmed is not None:
+        unprompted = message_hashes(trimmed)
+        parent_hash, grandparent_hash = unprompted.current, unprompted.parent
     subtask_digest = compact_probe = compact_legacy = None
     first = conversation[0]
     if len(conversation) == 1 and first.get("role") == "user":
@@ -218,8 +243,8 @@ def facts_of(body: Any, response: dict[str, Any] | None) -> LinkFacts | None:
         compact_legacy = legacy_summary(summary)[:PROBE_LENGTH]
     return LinkFacts(
         current_hash=hashes.current,
-        parent_hash=hashes.parent,
-        grandparent_hash=hashes.grandparent,
+        parent_hash=parent_hash,
+        grandparent_hash=grandparent_hash,
         system_hash=hash_system(body.get("system")),
         message_count=hashes.message_count,
         conversation_length=hashes.conversation_length,
@@ -250,10 +275,11 @@ def compact_summary_of(facts: LinkFacts, response: dict[str, Any] | None) -> str
     """What a summarisation request's row keeps so that the continuation can find it (lower-cased, capped)."""
     if not facts.is_summarization:
         return None
-    text = first_text(response)
-    if len(text) < MIN_SUMMARY_LENGTH or "summary" not in text.lower():
+    text = first_text(response).lower()
+    # Claude Code's summaries are "<analysis>…</analysis><summary>…</summary>" (or "Analysis:"/"Summary:" sections).
+    if len(text) < MIN_SUMMARY_LENGTH or not ("<summary>" in text or "summary:" in text):
         return None
-    return text.lower()[:MAX_STORED_SUMMARY]
+    return text[:MAX_STORED_SUMMARY]
 
 
 def summary_matches(stored: str, probe: str, legacy: str) -> bool:
@@ -274,9 +300,8 @@ async def link(
         return await _link_first_message(facts, history, timestamp, new_conversation)
     if facts.parent_hash is None:
         return Link(new_conversation())
+    # One lookup: a candidate with the same system prompt first (the reference's exact match), then any.
     parent = await history.find_parent(facts.parent_hash, facts.system_hash, timestamp, session_id)
-    if parent is None:
-        parent = await history.find_parent(facts.parent_hash, None, timestamp, session_id)
     if parent is None and facts.grandparent_hash is not None:
         parent = await history.find_parent(facts.grandparent_hash, None, timestamp, session_id)
     if parent is None and facts.compact_probe is not None and facts.compact_legacy is not None:
@@ -298,7 +323,8 @@ async def link(
         and parent.current_message_hash is not None
         and await history.has_children(parent.conversation_id, parent.current_message_hash, timestamp, request_id)
     ):
-        branch = f"branch_{timestamp:%Y%m%d%H%M%S}"
+        # Milliseconds: two branches of one conversation opened within the same second must not share an id.
+        branch = f"branch_{timestamp:%Y%m%d%H%M%S}{timestamp.microsecond // 1000:03d}"
     return Link(
         parent.conversation_id,
         branch_id=branch,

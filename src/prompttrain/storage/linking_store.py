@@ -20,13 +20,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from prompttrain.conversation.linking import LinkFacts, ParentRow, TaskMatch, link, summary_matches
+from prompttrain.conversation.linking import LinkFacts, ParentRow, TaskMatch, link
 from prompttrain.storage.records import LINK_KEY
 from prompttrain.storage.tables import api_requests, task_invocations
 
 log = logging.getLogger(__name__)
 
-COMPACT_CANDIDATES = 50
 PARENT_COLUMNS = (
     api_requests.c.request_id,
     api_requests.c.conversation_id,
@@ -71,9 +70,9 @@ class DatabaseHistory:
             api_requests.c.timestamp < before,
             COMPLETED,
         )
-        if system_hash is not None:
-            query = query.where(api_requests.c.system_hash == system_hash)
         order: list[Any] = []
+        if system_hash is not None:
+            order.append(sa.case((api_requests.c.system_hash == system_hash, 0), else_=1))
         if session_id is not None:
             order.append(sa.case((api_requests.c.session_id == session_id, 0), else_=1))
         query = query.order_by(*order, api_requests.c.timestamp.desc()).limit(1)
@@ -110,22 +109,22 @@ class DatabaseHistory:
         return TaskMatch(row.request_id, row.conversation_id, row.ordinal) if row is not None else None
 
     async def find_compacted(self, probe: str, legacy: str, since: datetime, before: datetime) -> ParentRow | None:
+        summary = api_requests.c.compact_summary
         query = (
-            sa.select(*PARENT_COLUMNS, api_requests.c.compact_summary)
+            sa.select(*PARENT_COLUMNS)
             .where(
                 api_requests.c.train_id == self.train_id,
-                api_requests.c.compact_summary.is_not(None),
+                summary.is_not(None),
+                sa.or_(summary.contains(probe, autoescape=True), summary.startswith(legacy, autoescape=True)),
                 api_requests.c.timestamp >= since,
                 api_requests.c.timestamp < before,
                 COMPLETED,
             )
             .order_by(api_requests.c.timestamp.desc())
-            .limit(COMPACT_CANDIDATES)
+            .limit(1)
         )
-        for row in await self.connection.execute(query):
-            if summary_matches(row.compact_summary, probe, legacy):
-                return _parent(row)
-        return None
+        row = (await self.connection.execute(query)).first()
+        return _parent(row) if row is not None else None
 
 
 def lock_key(row: dict[str, Any], facts: LinkFacts) -> int:
