@@ -143,8 +143,12 @@ async def insert_linked(connection: AsyncConnection, rows: Sequence[dict[str, An
     postgres = connection.dialect.name == "postgresql"
     insert = postgresql.insert if postgres else sqlite.insert
     if postgres and pending:
-        for key in sorted({lock_key(row, facts) for row, facts in pending}):
-            await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        # All of the batch's locks in one round trip, in key order (two writers never wait on each other in a cycle).
+        keys = sorted({lock_key(row, facts) for row, facts in pending})
+        await connection.execute(
+            sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS k ORDER BY k"),
+            {"keys": keys},
+        )
     inserted = []
     for row, facts in pending:
         values = _without_facts(row)
