@@ -304,17 +304,10 @@ async def link(
     parent = await history.find_parent(facts.parent_hash, facts.system_hash, timestamp, session_id)
     if parent is None and facts.grandparent_hash is not None:
         parent = await history.find_parent(facts.grandparent_hash, None, timestamp, session_id)
-    if parent is None and facts.compact_probe is not None and facts.compact_legacy is not None:
-        compacted = await history.find_compacted(
-            facts.compact_probe, facts.compact_legacy, timestamp - COMPACT_WINDOW, timestamp
-        )
-        if compacted is not None and compacted.conversation_id is not None:
-            return Link(
-                compacted.conversation_id,
-                branch_id=f"compact_{timestamp:%H%M%S}",
-                parent_request_id=compacted.request_id,
-                parent_message_hash=compacted.current_message_hash,
-            )
+    if parent is None:
+        compacted = await _compact_link(facts, history, timestamp)
+        if compacted is not None:
+            return compacted
     if parent is None or parent.conversation_id is None:
         return Link(new_conversation(), parent_message_hash=facts.parent_hash)
     branch = parent.branch_id or "main"
@@ -348,15 +341,21 @@ async def _link_first_message(
                 is_subtask=True,
                 parent_task_request_id=task.request_id,
             )
-    if facts.compact_probe is not None and facts.compact_legacy is not None:
-        compacted = await history.find_compacted(
-            facts.compact_probe, facts.compact_legacy, timestamp - COMPACT_WINDOW, timestamp
-        )
-        if compacted is not None and compacted.conversation_id is not None:
-            return Link(
-                compacted.conversation_id,
-                branch_id=f"compact_{timestamp:%H%M%S}",
-                parent_request_id=compacted.request_id,
-                parent_message_hash=compacted.current_message_hash,
-            )
-    return Link(new_conversation())
+    return await _compact_link(facts, history, timestamp) or Link(new_conversation())
+
+
+async def _compact_link(facts: LinkFacts, history: History, timestamp: datetime) -> Link | None:
+    """A continuation after a compaction joins the summarised conversation on a `compact_HHMMSS` branch."""
+    if facts.compact_probe is None or facts.compact_legacy is None:
+        return None
+    compacted = await history.find_compacted(
+        facts.compact_probe, facts.compact_legacy, timestamp - COMPACT_WINDOW, timestamp
+    )
+    if compacted is None or compacted.conversation_id is None:
+        return None
+    return Link(
+        compacted.conversation_id,
+        branch_id=f"compact_{timestamp:%H%M%S}",
+        parent_request_id=compacted.request_id,
+        parent_message_hash=compacted.current_message_hash,
+    )
