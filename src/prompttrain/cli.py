@@ -276,7 +276,7 @@ def parse_since(text: str) -> datetime:
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def run_operator(namespaces: list[str], all_namespaces: bool, liveness: str | None) -> None:
+def run_operator(namespaces: list[str], all_namespaces: bool, liveness: str | None, metrics_port: int = 0) -> None:
     """The Train operator in the given namespaces; in a pod with neither flag, in the pod's own namespace."""
     if namespaces and all_namespaces:
         raise SettingsError("--namespace and --all-namespaces exclude each other")
@@ -287,7 +287,7 @@ def run_operator(namespaces: list[str], all_namespaces: bool, liveness: str | No
             raise SettingsError("outside a cluster, name the namespaces: --namespace NS or --all-namespaces") from None
     from prompttrain.operator import run
 
-    run(namespaces, all_namespaces, liveness)
+    run(namespaces, all_namespaces, liveness, metrics_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator_command.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace")
     operator_command.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    operator_command.add_argument(
+        "--metrics-port", type=int, default=9090, help="serve Prometheus /metrics on this port (0: off)"
+    )
     return parser
 
 
@@ -358,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif arguments.command == "retention":
             run_retention(settings, arguments.older_than, arguments.payloads_older_than)
         elif arguments.command == "operator":
-            run_operator(arguments.namespace, arguments.all_namespaces, arguments.liveness)
+            run_operator(arguments.namespace, arguments.all_namespaces, arguments.liveness, arguments.metrics_port)
     except SettingsError as error:
         print(f"prompttrain: {error}", file=sys.stderr)
         raise SystemExit(2) from None

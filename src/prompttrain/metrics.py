@@ -144,3 +144,9 @@ TELEMETRY_EVENTS = Counter(
     "(queue full).",
     ["result"],
 )
+
+OPERATOR_RECONCILIATIONS = Counter(
+    "prompttrain_operator_reconciliations",
+    "Train reconciliations that changed a Train's status, by outcome: ready (true/false) and the Ready reason.",
+    ["ready", "reason"],
+)

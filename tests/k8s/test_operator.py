@@ -358,3 +358,21 @@ def test_deleting_a_train_garbage_collects_its_secrets(
     # A CRD created moments ago is unknown to the garbage collector until its next 30 s discovery resync.
     eventually_gone(kube, operator_namespace, owned, timeout=60)
     assert secret_data(kube, operator_namespace, f"{name}-s") is not None  # not the Train's: kept
+
+
+def test_reconciliations_are_counted_in_the_operators_metrics(kube: Client, operator_namespace: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def reconciled() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "prompttrain_operator_reconciliations_total", {"ready": "true", "reason": "Reconciled"}
+            )
+            or 0.0
+        )
+
+    before = reconciled()
+    name = unique("metrics")
+    apply(operator_namespace, train(name, auth="passthrough"))
+    assert wait_ready(kube, operator_namespace, name) == "Reconciled"
+    assert reconciled() > before

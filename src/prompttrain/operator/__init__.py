@@ -17,9 +17,16 @@ from collections.abc import Sequence
 from prompttrain.operator import handlers as handlers
 
 
-def run(namespaces: Sequence[str], clusterwide: bool, liveness_endpoint: str | None = None) -> None:
-    """Run the operator until SIGINT/SIGTERM, in `namespaces` or in every namespace."""
+def run(
+    namespaces: Sequence[str], clusterwide: bool, liveness_endpoint: str | None = None, metrics_port: int = 0
+) -> None:
+    """Run the operator until SIGINT/SIGTERM, in `namespaces` or in every namespace; `/metrics` on `metrics_port`."""
     import kopf
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
 
     kopf.run(
         standalone=True,

@@ -26,6 +26,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Secret
 from lightkube.types import PatchType
 
+from prompttrain import metrics
 from prompttrain.credential_sources import TRAIN_DOCUMENT_KEY
 from prompttrain.credentials import (
     AuthMode,
@@ -347,6 +348,7 @@ class Reconciler:
         patch = status_patch(previous, status)
         if patch is None:
             return
+        metrics.OPERATOR_RECONCILIATIONS.labels("true" if report.ready else "false", report.reason).inc()
         await self.client.patch(
             TrainResource.Status,
             str(metadata.get("name")),
