@@ -40,6 +40,13 @@ PAYLOADS_SHED = Counter(
     "prompttrain_payloads_shed_total", "Request/response bodies not stored because of memory or database pressure."
 )
 SPOOL_BYTES = Gauge("prompttrain_spool_bytes", "Size of the local spool of metadata records waiting for the database.")
+RECORDER_KEPT_BYTES = Gauge(
+    "prompttrain_recorder_unconfirmed_bytes",
+    "Bytes of exchanges the proxy keeps until its recording process confirms them stored (or spooled).",
+)
+RECORDER_RESTARTS = Counter(
+    "prompttrain_recorder_restarts", "Times the proxy started a new recording process after one exited."
+)
 
 # -- requests (observed on the request path: a counter increment or a histogram observation each, no parsing) --
 # Labels: train (configured trains, or "unknown"), account (configured accounts, "passthrough" or "none"), model
@@ -149,4 +156,27 @@ OPERATOR_RECONCILIATIONS = Counter(
     "prompttrain_operator_reconciliations",
     "Train reconciliations that changed a Train's status, by outcome: ready (true/false) and the Ready reason.",
     ["ready", "reason"],
+)
+
+# What the proxy's recording process sets (the writer, its observers, Slack and telemetry). It reports them to the
+# proxy, whose /metrics serves them in place of its own (empty) copies.
+RECORDER_METRICS = (
+    WRITER_QUEUE_DEPTH,
+    WRITER_QUEUE_BYTES,
+    RECORDS_WRITTEN,
+    RECORDS_SPOOLED,
+    RECORDS_REPLAYED,
+    RECORDS_LOST,
+    PAYLOADS_SHED,
+    SPOOL_BYTES,
+    FIRST_TOKEN,
+    TOKENS,
+    COST,
+    UPSTREAM_ERRORS,
+    WINDOW_UTILIZATION,
+    WINDOW_RESET,
+    WINDOW_STATUS,
+    SLACK_MESSAGES,
+    SLACK_QUEUE_DEPTH,
+    TELEMETRY_EVENTS,
 )

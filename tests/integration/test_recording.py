@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import statistics
 import threading
@@ -195,6 +196,36 @@ def test_spooled_records_survive_kill_9_and_are_replayed(
     rows = wait_for_rows(postgres_url, "SELECT request_id FROM api_requests", 20, timeout=20)
     assert len({row["request_id"] for row in rows}) == 20
     assert metric(restarted.url, "prompttrain_records_replayed_total") == 20
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
+def test_a_killed_recorder_is_replaced_and_gets_every_unconfirmed_request_again(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, postgres_url: str, relay: TcpRelay
+) -> None:
+    proxy = start_proxy(through(relay, postgres_url))
+    relay.cut()
+    for _ in range(20):
+        assert post(proxy.url).status_code == 200
+    # Metadata went to the recorder's spool; the bodies wait in its memory for the database, so the proxy still
+    # keeps all twenty exchanges.
+    wait_until(lambda: metric(proxy.url, "prompttrain_records_spooled_total") == 20, timeout=10)
+    assert metric(proxy.url, "prompttrain_recorder_unconfirmed_bytes") > 0
+    [first] = children(proxy.process.pid)  # the recording process
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: metric(proxy.url, "prompttrain_recorder_restarts_total") == 1, timeout=10)
+    wait_until(lambda: len(children(proxy.process.pid)) == 1 and children(proxy.process.pid) != [first])
+    relay.restore()
+    rows = wait_for_rows(postgres_url, "SELECT request_id, payload_shed FROM api_requests", 20, timeout=30)
+    assert len({row["request_id"] for row in rows}) == 20 and not any(row["payload_shed"] for row in rows)
+    payloads = wait_for_rows(postgres_url, "SELECT request_id FROM request_payloads", 20, timeout=30)
+    assert {row["request_id"] for row in payloads} == {row["request_id"] for row in rows}
+    wait_until(lambda: metric(proxy.url, "prompttrain_recorder_unconfirmed_bytes") == 0, timeout=10)
+    assert proxy.process.poll() is None
 
 
 def test_bodies_are_shed_under_pressure_and_marked_while_usage_is_kept(

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from prompttrain.credentials import CredentialSnapshot
+from prompttrain.credentials import CredentialSnapshot, SlackSettings
 from prompttrain.notifications import slack
 from prompttrain.notifications.sender import Notice, SlackSender
 from prompttrain.settings import Settings
@@ -35,10 +35,18 @@ CLIENT_MISTAKES = frozenset({400, 404, 405, 413, 422})
 FAILURES = frozenset({Outcome.UPSTREAM_ERROR, Outcome.STREAM_ERROR, Outcome.TIMEOUT, Outcome.UNREACHABLE})
 
 
+# Each configured train and its own `slack` block (None: the train has none and uses the global webhook).
+TrainSlack = Mapping[str, SlackSettings | None]
+
+
+def train_slack(snapshot: CredentialSnapshot) -> dict[str, SlackSettings | None]:
+    return {train_id: train.slack for train_id, train in snapshot.trains.items()}
+
+
 class SlackObserver:
-    def __init__(self, sender: SlackSender, settings: Settings, snapshot: Callable[[], CredentialSnapshot]) -> None:
+    def __init__(self, sender: SlackSender, settings: Settings, trains: Callable[[], TrainSlack]) -> None:
         self.sender = sender
-        self.snapshot = snapshot
+        self.trains = trains
         self.global_url = str(settings.slack_webhook_url) if settings.slack_webhook_url else None
         self.global_channel = settings.slack_channel
         self.username = settings.slack_username
@@ -46,12 +54,13 @@ class SlackObserver:
         self._seen: OrderedDict[bytes, None] = OrderedDict()
 
     def destination(self, train_id: str) -> tuple[str, str | None] | None:
-        train = self.snapshot().trains.get(train_id)
-        if train is not None and train.slack is not None:
-            if not train.slack.enabled:
+        trains = self.trains()
+        own = trains.get(train_id)
+        if own is not None:
+            if not own.enabled:
                 return None
-            return train.slack.webhook_url, train.slack.channel
-        if train is None or self.global_url is None:
+            return own.webhook_url, own.channel
+        if train_id not in trains or self.global_url is None:
             return None  # an unknown train: the request was rejected, and rejections are not notified
         return self.global_url, self.global_channel
 
@@ -73,7 +82,7 @@ class SlackObserver:
                 )
             return
         message = built.message
-        request = record.parsed_body
+        request = record.request_json()
         if row.get("outcome") != Outcome.COMPLETED or not isinstance(message, dict) or not isinstance(request, dict):
             return
         if not record.path.startswith("/v1/messages") or record.path.startswith("/v1/messages/count_tokens"):

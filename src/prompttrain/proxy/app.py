@@ -12,19 +12,19 @@ from datetime import UTC, datetime
 
 import aiohttp
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from prompttrain import __version__, metrics
 from prompttrain.conversation.pricing import load_pricing, use_pricing
 from prompttrain.credential_sources import CredentialSource, open_credential_source
 from prompttrain.credentials import EMPTY_SNAPSHOT, CredentialSnapshot, OAuthAccount
-from prompttrain.notifications.observer import SlackObserver
-from prompttrain.notifications.sender import SlackSender
+from prompttrain.notifications.observer import train_slack
 from prompttrain.proxy import exchange_metrics, token_stats
 from prompttrain.proxy.accounts import CooldownTable, Resolution, authorise
 from prompttrain.proxy.client_setup import ClientSetupFiles, find_directory
@@ -63,10 +63,8 @@ from prompttrain.settings import Settings
 from prompttrain.storage.engine import create_engine, database_is_ready
 from prompttrain.storage.migrate import migrate
 from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_or_create_key
+from prompttrain.storage.recorder import Recorder, exposition
 from prompttrain.storage.records import ExchangeRecord, Outcome, new_request_id
-from prompttrain.storage.spool import Spool
-from prompttrain.storage.writer import RequestWriter
-from prompttrain.telemetry import TelemetrySender
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +77,12 @@ class ProxyState:
     client: aiohttp.ClientSession
     oauth: OAuthManager
     engine: AsyncEngine | None
-    writer: RequestWriter | None
+    writer: Recorder | None  # the recording process's proxy-side end (None: STORAGE_ENABLED=false)
     credentials: CredentialSource
     snapshot: CredentialSnapshot = EMPTY_SNAPSHOT
     cooldowns: CooldownTable = field(default_factory=CooldownTable)
     accepting: bool = True
     upstream_proxy: str | None = None
-    slack: SlackSender | None = None
-    telemetry: TelemetrySender | None = None
     _ready_checked_at: float = -1e9
     _database_ready: bool = False
 
@@ -110,7 +106,10 @@ class ProxyState:
                 for name, account in snapshot.accounts.items()
                 if isinstance(account, OAuthAccount) and name not in self.snapshot.accounts
             ]
+            slack_changed = train_slack(snapshot) != train_slack(self.snapshot)
             self.snapshot = snapshot
+            if self.writer is not None and slack_changed:
+                self.writer.update_trains(train_slack(snapshot))
             if new_oauth:
                 await self.oauth.load_persisted(new_oauth)
 
@@ -123,7 +122,46 @@ class ProxyState:
                 log.exception("credential reload failed; keeping the previous credentials")
 
 
-def create_app(settings: Settings) -> Starlette:
+FORWARDED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+
+
+class ProxyApplication:
+    """What the server runs: `/v1/*` goes straight to `forward`; everything else to the Starlette app.
+
+    Starlette's middleware stack and router cost about a tenth of the proxy's CPU per forwarded request; the
+    forwarding route needs none of it (it answers its own errors, in Anthropic's shape). `state` is the Starlette
+    app's, so the server's drain flag and the lifespan's proxy state are one.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] in FORWARDED_METHODS:
+            scope["app"] = self.app
+            await forward_asgi(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def forward_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    # Counted as in flight from arrival until the response's last byte (the body is sent after `forward` returns).
+    metrics.IN_FLIGHT.inc()
+    try:
+        try:
+            response = await forward(Request(scope, receive, send))
+        except Exception:
+            log.exception("unexpected error while forwarding %s %s", scope["method"], scope["path"])
+            response = Response(
+                ProxyError("internal proxy error").body(""), status_code=500, media_type="application/json"
+            )
+        await response(scope, receive, send)
+    finally:
+        metrics.IN_FLIGHT.dec()
+
+
+def create_app(settings: Settings) -> ProxyApplication:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await start_state(settings)
@@ -138,8 +176,8 @@ def create_app(settings: Settings) -> Starlette:
                 await watcher
             await stop_state(state)
 
-    # Counted as in flight from arrival until the response's last byte (the body is sent after `forward` returns).
-    forwarding = exchange_metrics.CountInFlight(request_response(forward))
+    # Only reached for methods `ProxyApplication` does not forward: Starlette answers 405.
+    forwarding = request_response(forward)
     routes = [
         Route("/v1/messages", forwarding, methods=["POST"]),
         Route("/v1/{rest:path}", forwarding, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -154,40 +192,25 @@ def create_app(settings: Settings) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.draining = False  # set by the server on SIGTERM: readiness fails while in-flight work finishes
-    return app
+    return ProxyApplication(app)
 
 
 async def start_state(settings: Settings) -> ProxyState:
-    # Metric labels and prices are process-wide (rows are priced in the writer's worker thread): set them first.
+    # Metric labels and prices are process-wide: set them first (the recording process sets its own).
     exchange_metrics.configure(settings.metrics_model_label)
     use_pricing(await asyncio.to_thread(load_pricing, settings.pricing_file))
     client = create_upstream_session(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
     engine: AsyncEngine | None = None
-    writer: RequestWriter | None = None
+    recorder: Recorder | None = None
     store: OAuthTokenStore | None = None
-    slack = SlackSender.from_settings(settings)
-    telemetry = TelemetrySender(str(settings.telemetry_endpoint)) if settings.telemetry_endpoint else None
     credentials = open_credential_source(settings)  # CREDENTIALS_SOURCE: directory or kubernetes
     if settings.storage_enabled:
         if settings.should_migrate_on_start:
             await migrate(settings.database_url)
         engine = create_engine(settings.database_url)
-        writer = RequestWriter(
-            engine,
-            Spool(settings.data_dir / "spool", settings.spool_max_bytes),
-            batch_size=settings.writer_batch_size,
-            flush_seconds=settings.writer_flush_seconds,
-            metadata_queue_size=settings.writer_queue_size,
-            payload_memory_bytes=settings.writer_payload_memory_bytes,
-            store_payloads=settings.store_payloads,
-            # Usage metrics and Slack notices come from the rows the writer builds, never from the request path.
-            observers=[
-                exchange_metrics.UsageMeter(),
-                SlackObserver(slack, settings, lambda: state.snapshot),
-                *([telemetry] if telemetry is not None else []),
-            ],
-        )
-        writer.start()
+        # Parsing, linking, pricing, usage metrics, Slack and telemetry all happen in the recording process.
+        recorder = Recorder(settings)
+        await recorder.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
         store = OAuthTokenStore(engine, TokenCipher(key))
     oauth = OAuthManager(
@@ -202,15 +225,10 @@ async def start_state(settings: Settings) -> ProxyState:
         client=client,
         oauth=oauth,
         engine=engine,
-        writer=writer,
+        writer=recorder,
         credentials=credentials,
         upstream_proxy=outbound_proxy(settings.upstream_base),
-        slack=slack,
-        telemetry=telemetry,
     )
-    slack.start()
-    if telemetry is not None:
-        telemetry.start()
     await credentials.start()
     await state.reload_credentials()
     log.info(
@@ -226,19 +244,13 @@ async def start_state(settings: Settings) -> ProxyState:
 async def stop_state(state: ProxyState) -> None:
     if state.writer is not None:
         await state.writer.stop(state.settings.writer_shutdown_seconds)
-    if state.slack is not None:
-        # After the writer: its last observations may still queue notifications.
-        await state.slack.stop(state.settings.slack_timeout_seconds)
-    if state.telemetry is not None:
-        await state.telemetry.stop()
     await state.credentials.close()
     await state.client.close()
     if state.engine is not None:
         await state.engine.dispose()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(request: Request, declared: str | None, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLargeError(f"request body exceeds the {limit}-byte limit")
     parts: list[bytes] = []
@@ -284,8 +296,9 @@ def note_model(body: bytes, record: ExchangeRecord) -> None:
         record.model = payload["model"]
 
 
-async def upstream_headers(state: ProxyState, request: Request, resolution: Resolution) -> list[tuple[str, str]]:
-    raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]]
+async def upstream_headers(
+    state: ProxyState, raw: list[tuple[str, str]], resolution: Resolution
+) -> list[tuple[str, str]]:
     dropped = NOT_FORWARDED | connection_tokens(raw)
     account = resolution.account
     if account is not None:
@@ -316,8 +329,10 @@ async def upstream_headers(state: ProxyState, request: Request, resolution: Reso
 async def forward(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     started = time.perf_counter()
-    headers = request.headers
-    path = request.url.path
+    # Decoded once: Starlette's `Headers.get` scans the whole list on every call.
+    raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]]
+    headers = {name: value for name, value in reversed(raw)}  # the first of repeated names wins, as in Starlette
+    path = request.scope["path"]
     query = request.scope.get("query_string", b"").decode("latin-1")
     record = ExchangeRecord(
         request_id=new_request_id(),
@@ -326,7 +341,7 @@ async def forward(request: Request) -> Response:
         method=request.method,
         path=recorded_path(path, query),
         train_id=(headers.get(TRAIN_HEADER) or "").strip() or state.settings.default_train_id,
-        request_headers=recorded_request_headers(headers.items()),
+        request_headers=recorded_request_headers(raw),
         session_id=headers.get(SESSION_HEADER),
     )
     try:
@@ -341,7 +356,7 @@ async def forward(request: Request) -> Response:
         )
         record.train_id = resolution.train.train_id
         record.account_id = resolution.account_id
-        body = await read_body(request, state.settings.max_request_body_bytes)
+        body = await read_body(request, headers.get("content-length"), state.settings.max_request_body_bytes)
         record.request_body = body
         if path == "/v1/messages" and request.method == "POST":
             inspect_messages_body(body, record)
@@ -349,7 +364,7 @@ async def forward(request: Request) -> Response:
             note_model(body, record)
         url = state.settings.upstream_base + path + ("?" + query if query else "")
         call = UpstreamCall(
-            request.method, url, await upstream_headers(state, request, resolution), body, state.upstream_proxy
+            request.method, url, await upstream_headers(state, raw, resolution), body, state.upstream_proxy
         )
     except ProxyError as error:
         return error_response(error, record, state)
@@ -432,7 +447,9 @@ async def token_stats_endpoint(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    state: ProxyState = request.app.state.proxy
+    recorded = await state.writer.metric_families() if state.writer is not None else None
+    return Response(exposition(recorded), media_type=CONTENT_TYPE_LATEST)
 
 
 async def describe(request: Request) -> Response:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from prompttrain import metrics
 from prompttrain.conversation.pricing import active_pricing, normalise_model, token_counts
 from prompttrain.conversation.ratelimits import STATUSES, WINDOWS, status_label
@@ -149,20 +147,6 @@ def request_finished(record: ExchangeRecord, train: str | None = None) -> None:
         upstream.observe(finished - record.upstream_sent)
     if record.overhead_ms is not None:
         overhead.observe(record.overhead_ms / 1000.0)
-
-
-class CountInFlight:
-    """ASGI wrapper for the forwarding route: in flight from arrival until the response's last byte or failure."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics.IN_FLIGHT.inc()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            metrics.IN_FLIGHT.dec()
 
 
 def error_type_label(row: dict[str, Any]) -> str:

@@ -26,8 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 from prompttrain.proxy import exchange_metrics
 from prompttrain.proxy.errors import ProxyError, UpstreamTimeoutError, UpstreamUnreachableError
 from prompttrain.proxy.headers import HOP_BY_HOP, connection_tokens, recorded_response_headers
-from prompttrain.storage.records import ExchangeRecord, Outcome
-from prompttrain.storage.writer import RequestWriter
+from prompttrain.storage.records import ExchangeRecord, Outcome, RecordSink
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ class UpstreamResponse(Response):
         self,
         upstream: aiohttp.ClientResponse,
         record: ExchangeRecord,
-        writer: RequestWriter | None,
+        writer: RecordSink | None,
         watch: DisconnectWatch,
     ) -> None:
         # Deliberately not Response.__init__: the headers are the upstream's raw list, sent as they are.
@@ -221,7 +220,7 @@ class UpstreamResponse(Response):
 class ClientGoneResponse(Response):
     """The client hung up before the upstream answered: nothing to send, only the record to hand over."""
 
-    def __init__(self, record: ExchangeRecord, writer: RequestWriter | None) -> None:
+    def __init__(self, record: ExchangeRecord, writer: RecordSink | None) -> None:
         self.status_code = 499
         self.background = None
         self.record = record
@@ -239,7 +238,7 @@ class ErrorResponse(Response):
     """An error the proxy answers itself, in Anthropic's error shape, recorded like any other exchange."""
 
     def __init__(
-        self, error: ProxyError, record: ExchangeRecord, writer: RequestWriter | None, train_label: str | None = None
+        self, error: ProxyError, record: ExchangeRecord, writer: RecordSink | None, train_label: str | None = None
     ) -> None:
         self.status_code = error.status
         self.background = None

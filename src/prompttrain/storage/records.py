@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -83,6 +83,33 @@ class ExchangeRecord:
     def size(self) -> int:
         """Bytes held in memory for this record (what payload shedding budgets)."""
         return len(self.request_body or b"") + sum(len(chunk) for _, chunk in self.chunks)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to the recording process without the parsed body: pickling a parsed 200 KB body costs the request
+        # path more than parsing it again costs the recorder (`request_json`).
+        state = self.__dict__.copy()
+        state["parsed_body"] = None
+        return state
+
+    def request_json(self) -> Any:
+        """The parsed body of a Messages request (what the proxy validated), parsed again if it was not kept."""
+        if self.parsed_body is None and self.request_body and self.is_messages_request:
+            try:
+                parsed = orjson.loads(self.request_body)
+            except orjson.JSONDecodeError:
+                return None
+            self.parsed_body = parsed if isinstance(parsed, dict) else None
+        return self.parsed_body
+
+    @property
+    def is_messages_request(self) -> bool:
+        return self.method == "POST" and self.path.partition("?")[0] == "/v1/messages"
+
+
+class RecordSink(Protocol):
+    """Where the request path hands finished exchanges: `submit` returns at once and never raises."""
+
+    def submit(self, record: ExchangeRecord) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # An observer sees every exchange after conversion, in the writer's task (never on the request path).
 Observer = Callable[[ExchangeRecord, BuiltRows], None]
+# Told the ids of exchanges the writer is done with: metadata stored (database or spool), payload stored or shed.
+DoneCallback = Callable[[list[uuid.UUID]], None]
 
 REPLAY_BATCH = 500
 PAYLOAD_BATCH_BYTES = 8 * 1024 * 1024
@@ -67,6 +69,7 @@ class RequestWriter:
         payload_memory_bytes: int = 256 * 1024 * 1024,
         store_payloads: bool = True,
         observers: Sequence[Observer] = (),
+        on_done: DoneCallback | None = None,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -77,6 +80,10 @@ class RequestWriter:
         self.store_payloads = store_payloads
         # Called with every exchange once its rows are built (metrics, notifications); never on the request path.
         self.observers = list(observers)
+        self.on_done = on_done
+        # Exchanges converted but not yet done, per lane (only tracked when someone listens: `on_done`).
+        self._metadata_open: set[uuid.UUID] = set()
+        self._payload_open: set[uuid.UUID] = set()
         self._intake: deque[ExchangeRecord] = deque()
         self._metadata: deque[dict[str, Any]] = deque()  # spool entries: {"op": "insert", "row"} or shed marks
         self._payloads: deque[PayloadRow] = deque()
@@ -125,6 +132,11 @@ class RequestWriter:
                 asyncio.create_task(self._partitions_forever(), name="writer-partitions"),
             ]
 
+    def replay_spool(self) -> None:
+        """Segments were added to the spool (adopted from an earlier recorder): replay them."""
+        self._spooling = True
+        self._metadata_ready.set()
+
     @property
     def pending(self) -> int:
         return len(self._intake) + len(self._metadata) + len(self._payloads) + self._busy
@@ -162,6 +174,7 @@ class RequestWriter:
         if flushed:
             return
         leftovers = []
+        done = [record.request_id for record in self._intake]
         for record in self._intake:
             record.payload_shed = True
             metrics.PAYLOADS_SHED.inc()
@@ -170,6 +183,7 @@ class RequestWriter:
         for payload in self._payloads:
             metrics.PAYLOADS_SHED.inc()
             leftovers.append(_shed_mark(payload.row))
+        done.extend(self._metadata_open | self._payload_open)
         self._intake.clear()
         self._metadata.clear()
         self._payloads.clear()
@@ -178,6 +192,10 @@ class RequestWriter:
             metrics.RECORDS_SPOOLED.inc(len(leftovers) - lost)
             metrics.RECORDS_LOST.inc(lost)
             log.warning("shutdown: %d records spooled for the next start", len(leftovers) - lost)
+        self._metadata_open.clear()
+        self._payload_open.clear()
+        if self.on_done is not None and done:
+            self.on_done(done)
 
     # -- converter ----------------------------------------------------------------------------------------------
 
@@ -200,6 +218,10 @@ class RequestWriter:
                             else:
                                 self._payload_bytes += payload.size
                                 self._payloads.append(payload)
+                                if self.on_done is not None:
+                                    self._payload_open.add(record.request_id)
+                        if self.on_done is not None:
+                            self._metadata_open.add(record.request_id)
                         self._metadata.append(_spool_entry(row))
                         self._observe(record, built)
                 finally:
@@ -241,6 +263,7 @@ class RequestWriter:
             try:
                 await self._apply_entries(batch)
                 self._database_down = False
+                self._metadata_done(batch)
             except Exception as error:  # noqa: BLE001 - classified: transient -> spool, refused -> isolate
                 if is_transient(error):
                     log.warning("database unavailable (%s): spooling records", describe(error))
@@ -249,6 +272,7 @@ class RequestWriter:
                 else:
                     log.error("the database refused a batch (%s); writing its rows one by one", describe(error))
                     await self._apply_one_by_one(batch)
+                    self._metadata_done(batch)
             finally:
                 self._busy -= len(batch)
                 self._report_depth()
@@ -265,6 +289,7 @@ class RequestWriter:
             self._busy -= len(entries)
         metrics.RECORDS_SPOOLED.inc(len(entries) - lost)
         metrics.RECORDS_LOST.inc(lost)
+        self._metadata_done(entries)
         self._report_depth()
 
     async def _replay_once(self) -> bool:
@@ -349,6 +374,7 @@ class RequestWriter:
                 self._payload_bytes -= size
                 self._database_down = False
                 delay = 0.2
+                self._payloads_done(batch)
             except Exception as error:  # noqa: BLE001 - transient: keep and retry; refused: shed and mark
                 if is_transient(error):
                     self._payloads.extendleft(reversed(batch))
@@ -360,6 +386,7 @@ class RequestWriter:
                         metrics.PAYLOADS_SHED.inc()
                         self._metadata.append(_shed_mark(payload.row))
                     self._metadata_ready.set()
+                    self._payloads_done(batch)
             finally:
                 self._busy -= len(batch)
                 self._report_depth()
@@ -396,6 +423,28 @@ class RequestWriter:
         while len(self._known_blobs) > KNOWN_BLOBS:
             self._known_blobs.popitem(last=False)
 
+    # -- completion ---------------------------------------------------------------------------------------------
+
+    def _metadata_done(self, entries: Sequence[dict[str, Any]]) -> None:
+        if self.on_done is None:
+            return
+        ids = [entry["row"]["request_id"] for entry in entries if entry.get("op") == "insert"]
+        self._finish(self._metadata_open, [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids])
+
+    def _payloads_done(self, batch: Sequence[PayloadRow]) -> None:
+        if self.on_done is not None:
+            self._finish(self._payload_open, [payload.row["request_id"] for payload in batch])
+
+    def _finish(self, lane: set[uuid.UUID], ids: list[uuid.UUID]) -> None:
+        done = []
+        for request_id in ids:
+            if request_id in lane:
+                lane.discard(request_id)
+                if request_id not in self._metadata_open and request_id not in self._payload_open:
+                    done.append(request_id)
+        if done and self.on_done is not None:
+            self.on_done(done)
+
     # -- housekeeping -------------------------------------------------------------------------------------------
 
     async def _partitions_forever(self) -> None:
@@ -425,6 +474,7 @@ def _insert(connection: AsyncConnection, table: sa.Table) -> Any:
 def _convert(batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes]) -> list[BuiltRows]:
     converted = []
     for record in batch:
+        record.request_json()  # parsed here when it came from the proxy's process without its parsed body
         try:
             converted.append(build_rows(record, keep_payload=store_payloads, known_blobs=known_blobs))
         except Exception:  # a parsing bug must not lose the usage record
