@@ -182,8 +182,8 @@ def conversation_records(
 async def seed(database_url: str, rows: int, rng: random.Random) -> uuid.UUID:
     engine = create_engine(database_url, pool_size=1)
     now = datetime.now(UTC)
-    for back in (7, 0):
-        await ensure_partitions(engine, today=(now - timedelta(days=back)).date())
+    # The last 8 days, today and tomorrow.
+    await ensure_partitions(engine, today=(now - timedelta(days=8)).date(), days_ahead=9)
     await engine.dispose()
     target = uuid.uuid4()
     records = conversation_records(rng, target, now - timedelta(hours=3), 300, 4)

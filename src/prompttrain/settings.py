@@ -2,7 +2,9 @@
 
 Variable names follow the seed architecture where it has one (`PORT`, `HOST`, `CREDENTIALS_DIR`, `DATABASE_URL`,
 `STORAGE_ENABLED`, `SLACK_WEBHOOK_URL`, `SLACK_CHANNEL`, `DASHBOARD_API_KEY`, `TELEMETRY_ENDPOINT`). A wrong value
-fails at start-up with a message naming the variable (`SettingsError`).
+fails at start-up with a message naming the variable (`SettingsError`). An empty variable (`TELEMETRY_ENDPOINT=`, as
+an orchestrator or an `.env` file may pass one) counts as unset: the default applies. No setting gives the empty
+string a meaning of its own: where "empty" is documented (`DASHBOARD_ALLOWED_DOMAINS`) it is the default.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class SettingsError(Exception):
 class Settings(BaseSettings):
     """Every setting of every component. Field names map to upper-case environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     host: str = "0.0.0.0"  # noqa: S104 - a server in a container listens on every interface
     port: int = Field(default=3000, ge=1, le=65535)

@@ -298,7 +298,29 @@ def test_monitoring_content_is_the_one_in_manifests_monitoring() -> None:
         (monitoring / "grafana-dashboard.json").read_text()
     )
     monitors = by_kind(documents, "ServiceMonitor")
-    assert set(monitors) == {"prompttrain-proxy", "prompttrain-dashboard"}
+    assert set(monitors) == {"prompttrain-proxy", "prompttrain-dashboard", "prompttrain-operator"}
+
+
+def test_service_monitors_scrape_the_port_each_component_serves_metrics_on() -> None:
+    documents = render(*ALL_FEATURES)
+    services, deployments = by_kind(documents, "Service"), by_kind(documents, "Deployment")
+    for name, monitor in by_kind(documents, "ServiceMonitor").items():
+        selected = [
+            service
+            for service in services.values()
+            if monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        ]
+        assert [service["metadata"]["name"] for service in selected] == [name]
+        ports = {port["name"]: port for port in selected[0]["spec"]["ports"]}
+        pod = deployments[name]["spec"]["template"]
+        assert selected[0]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        container_ports = {port["name"]: port["containerPort"] for port in pod["spec"]["containers"][0]["ports"]}
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["path"] == "/metrics"
+            assert ports[endpoint["port"]]["targetPort"] in container_ports, (name, endpoint)
+    operator = deployments["prompttrain-operator"]["spec"]["template"]["spec"]["containers"][0]
+    metrics_port = operator["args"][operator["args"].index("--metrics-port") + 1]
+    assert {"name": "metrics", "containerPort": int(metrics_port), "protocol": "TCP"} in operator["ports"]
 
 
 def test_rendered_alert_rules_pass_promtool(tmp_path: Path) -> None:

@@ -123,7 +123,8 @@ def test_env_example_documents_every_setting_and_compose_passes_them() -> None:
         assert environment["DATABASE_URL"] is not None and "@postgres:5432/" in environment["DATABASE_URL"]
         assert "TELEMETRY_ENDPOINT" in environment
     text = COMPOSE_FILE.read_text()
-    # An empty value is invalid for most settings (URLs, booleans): unset settings must not be passed at all.
+    # Unset settings are not passed at all (the application would read an empty value as unset, but the container's
+    # environment should say only what was asked for).
     assert not re.search(r"\$\{[A-Z_]+:?-\}", text), "no ${VAR:-} (empty) defaults"
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from prompttrain.settings import SettingsError, load_settings, normalise_database_url
+from prompttrain.settings import Settings, SettingsError, load_settings, normalise_database_url
 from tests.helpers import PROMPTTRAIN
 
 
@@ -43,6 +43,37 @@ def test_bad_values_fail_naming_the_variable(monkeypatch: pytest.MonkeyPatch, na
     with pytest.raises(SettingsError, match=name) as error:
         load_settings()
     assert "hunter2" not in str(error.value)
+
+
+SETTING_NAMES = sorted(name.upper() for name in Settings.model_fields)
+
+
+def defaults(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    return load_settings()
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_an_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    unset = defaults(monkeypatch)
+    monkeypatch.setenv(name, "")
+    assert load_settings() == unset
+
+
+def test_empty_variables_next_to_set_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset = defaults(monkeypatch)
+    for name in ("TELEMETRY_ENDPOINT", "SLACK_WEBHOOK_URL", "SLACK_CHANNEL", "PORT", "STORAGE_ENABLED"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("DASHBOARD_PORT", "4001")
+    settings = load_settings()
+    assert settings.telemetry_endpoint is None and settings.slack_webhook_url is None and settings.slack_channel is None
+    assert settings.port == unset.port == 3000 and settings.storage_enabled is True
+    assert settings.dashboard_port == 4001
+    # Blank is not empty: a value of spaces is still a value, and still checked.
+    monkeypatch.setenv("TELEMETRY_ENDPOINT", " ")
+    with pytest.raises(SettingsError, match="TELEMETRY_ENDPOINT"):
+        load_settings()
 
 
 def test_the_cli_exits_with_the_message(tmp_path: object) -> None:

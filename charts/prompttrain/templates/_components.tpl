@@ -45,7 +45,8 @@ spec:
     {{- end }}
 {{- end }}
 
-{{/* A ServiceMonitor scraping /metrics of a component's Service: (dict "context" $ "component" "proxy") */}}
+{{/* A ServiceMonitor scraping /metrics of a component's Service, on its port "http" unless "port" names another:
+(dict "context" $ "component" "proxy"), (dict "context" $ "component" "operator" "port" "metrics") */}}
 {{- define "prompttrain.serviceMonitor" -}}
 apiVersion: monitoring.coreos.com/v1
 kind: ServiceMonitor
@@ -64,7 +65,7 @@ spec:
   namespaceSelector:
     matchNames: [{{ .context.Release.Namespace }}]
   endpoints:
-    - port: http
+    - port: {{ .port | default "http" }}
       path: /metrics
       interval: {{ .context.Values.metrics.serviceMonitor.interval }}
 {{- end }}

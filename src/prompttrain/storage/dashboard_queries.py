@@ -356,6 +356,15 @@ def bucket_start(value: Any) -> int:
     return int(_utc(value).timestamp()) if isinstance(value, datetime) else int(value)
 
 
+async def prefer_hash_aggregation(connection: AsyncConnection) -> None:
+    """PostgreSQL estimates a GROUP BY on time buckets (an expression of the all but unique `timestamp`) as about
+    one group per row; with the default hash memory (2 x work_mem) it then sorts every row of the range, spilling to
+    disk, instead of hashing the few thousand groups there are (1.6x slower at 100,000 rows). Allow hash tables of
+    16 x work_mem for the rest of this transaction."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(sa.text("SET LOCAL hash_mem_multiplier = 16"))
+
+
 TOTAL_NAMES = (
     "requests",
     "errors",
@@ -406,6 +415,7 @@ async def overview(
     )
     query = query.group_by(*dimensions)
     if connection.dialect.name == "postgresql":
+        await prefer_hash_aggregation(connection)
         # ... then, on PostgreSQL, GROUPING SETS over those groups (cheap to sort), so a few hundred rows come back.
         inner = query.subquery()
         keys = (inner.c.bucket, inner.c.train_id, inner.c.account_id, inner.c.model)
@@ -859,19 +869,161 @@ def window_from_headers(headers: Mapping[str, Any], observed_at: datetime) -> Wi
     )
 
 
-async def _latest_windows(connection: AsyncConnection, since: datetime) -> dict[str, WindowReading]:
-    """Per account, the newest reading: the ratelimit_* columns, or (rows recorded before they were filled) the
-    stored response headers of the account's latest responses."""
-    newest = (
-        sa.select(R.account_id, sa.func.max(R.timestamp).label("latest"))
-        .where(
-            R.timestamp >= _bind_time(since),
-            R.account_id.is_not(None),
-            sa.or_(R.ratelimit_5h_utilization.is_not(None), R.ratelimit_7d_utilization.is_not(None)),
+async def token_usage(connection: AsyncConnection, now: datetime, accounts: Iterable[str] = ()) -> TokenUsage:
+    """Per account: 5-hour and 7-day utilisation with reset times, and the tokens sent within each window (the
+    window Anthropic reports when a reset time is known, else the trailing 5 hours / 7 days); per train: tokens in
+    the trailing windows; hourly tokens per account over 7 days.
+
+    At most five queries, however many accounts there are: one pass over the week grouped by hour, account and
+    train; the accounts' last requests stamped after `now`; the newest reading per account; stored headers for
+    accounts without one; the rows between a window's start and the next full hour."""
+    now = _utc(now)
+    week_ago = now - SEVEN_DAYS
+    week = await _week_by_hour(connection, week_ago, now)
+    last_request = dict(week.last_request)
+    for account, stamp in await _requests_after(connection, now):
+        last_request[account] = max(stamp, last_request.get(account, stamp))
+    names = sorted(set(last_request) | set(accounts))
+    readings = await _latest_windows(connection, names, week_ago - timedelta(days=1))
+    without = [name for name in names if name not in readings and name in last_request]
+    readings.update(await _windows_from_headers(connection, without, week_ago))
+    starts: dict[tuple[str, timedelta], datetime] = {}
+    for name in names:
+        reading = readings.get(name)
+        starts[(name, FIVE_HOURS)] = _window_start(reading.five_hour_reset if reading else None, FIVE_HOURS, now)
+        starts[(name, SEVEN_DAYS)] = _window_start(reading.seven_day_reset if reading else None, SEVEN_DAYS, now)
+    tokens = await _window_tokens(connection, week, starts, now)
+    usage = []
+    for name in names:
+        reading = readings.get(name)
+        usage.append(
+            AccountUsage(
+                account_id=name,
+                status=reading.status if reading else None,
+                observed_at=reading.observed_at if reading else None,
+                five_hour=Window(
+                    reading.five_hour_utilization if reading else None,
+                    reading.five_hour_reset if reading else None,
+                    tokens[(name, FIVE_HOURS)],
+                ),
+                seven_day=Window(
+                    reading.seven_day_utilization if reading else None,
+                    reading.seven_day_reset if reading else None,
+                    tokens[(name, SEVEN_DAYS)],
+                ),
+                last_request=last_request.get(name),
+            )
         )
-        .group_by(R.account_id)
-        .subquery()
+    return TokenUsage(now=now, accounts=usage, trains=week.trains, hourly=week.hourly())
+
+
+def _window_start(reset: datetime | None, length: timedelta, now: datetime) -> datetime:
+    if reset is not None and reset > now and reset - length <= now:
+        return reset - length
+    return now - length
+
+
+HOUR = timedelta(hours=1)
+
+
+@dataclass
+class _Week:
+    """The rows of [since, until] summed per hour and account, and per train (all, and the last 5 hours)."""
+
+    since: datetime
+    hours: dict[str, dict[datetime, Totals]] = field(default_factory=dict)  # account -> hour start -> totals
+    last_request: dict[str, datetime] = field(default_factory=dict)
+    trains: list[TrainUsage] = field(default_factory=list)
+
+    def hourly(self) -> list[UsagePoint]:
+        points = [
+            UsagePoint(start, account, totals.output_tokens, totals.input_tokens)
+            for account, hours in self.hours.items()
+            for start, totals in hours.items()
+        ]
+        points.sort(key=lambda point: (point.start, point.account_id))
+        return points
+
+
+async def _week_by_hour(connection: AsyncConnection, since: datetime, until: datetime) -> _Week:
+    """One pass over the rows: grouped by hour, train, account and whether the row is from the last 5 hours, then (on
+    PostgreSQL) regrouped by (hour, account) and (train, last 5 hours), so a few hundred rows come back."""
+    bucket = time_bucket(connection, int(HOUR.total_seconds())).label("bucket")  # whole UTC hours
+    recent = (R.timestamp >= _bind_time(until - FIVE_HOURS)).label("recent")
+    dimensions = (bucket, R.train_id, R.account_id, recent)
+    query: Any = (
+        sa.select(*dimensions, sa.literal(0).label("which"), *_totals_columns(), sa.func.max(R.timestamp).label("last"))
+        .where(R.timestamp >= _bind_time(since), R.timestamp <= _bind_time(until))
+        .group_by(*dimensions)
     )
+    if connection.dialect.name == "postgresql":
+        await prefer_hash_aggregation(connection)
+        inner = query.subquery()
+        keys = (inner.c.bucket, inner.c.train_id, inner.c.account_id, inner.c.recent)
+        sums = [sa.func.sum(inner.c[name]).label(name) for name in TOTAL_NAMES]
+        query = (
+            sa.select(*keys, sa.func.grouping(*keys).label("which"), *sums, sa.func.max(inner.c["last"]).label("last"))
+            .group_by(sa.func.grouping_sets(sa.tuple_(keys[0], keys[2]), sa.tuple_(keys[1], keys[3])))
+            .order_by(inner.c.train_id)
+        )
+    else:
+        query = query.order_by(R.train_id)
+    week = _Week(since)
+    trains: dict[str, tuple[Totals, Totals]] = {}
+    for row in (await connection.execute(query)).mappings():
+        part = _totals(row)
+        present = ~int(row["which"]) & 0b1111  # GROUPING() sets the bit of an absent dimension
+        account = row["account_id"]
+        if present & 0b1010 == 0b1010 and account is not None:
+            start = datetime.fromtimestamp(bucket_start(row["bucket"]), UTC)
+            week.hours.setdefault(account, {}).setdefault(start, Totals()).add(part)
+            last = _utc(row["last"])
+            week.last_request[account] = max(last, week.last_request.get(account, last))
+        if present & 0b0101 == 0b0101:
+            seven, five = trains.setdefault(row["train_id"], (Totals(), Totals()))
+            seven.add(part)
+            if row["recent"]:
+                five.add(part)
+    week.trains = [
+        TrainUsage(train_id=train, five_hour=five, seven_day=seven) for train, (seven, five) in trains.items()
+    ]
+    return week
+
+
+async def _requests_after(connection: AsyncConnection, moment: datetime) -> list[tuple[str, datetime]]:
+    """Per account, the newest request stamped after `moment` (a proxy whose clock is ahead of this one's)."""
+    rows = await connection.execute(
+        sa.select(R.account_id, sa.func.max(R.timestamp))
+        .where(R.timestamp > _bind_time(moment), R.account_id.is_not(None))
+        .group_by(R.account_id)
+    )
+    return [(account, _utc(stamp)) for account, stamp in rows]
+
+
+def _names(names: Sequence[str]) -> sa.Subquery:
+    """The account names as a table with an `account_id` column (a UNION ALL of one-row selects: both dialects)."""
+    selects = [sa.select(sa.literal(name, sa.String).label("account_id")) for name in names]
+    return (selects[0] if len(selects) == 1 else sa.union_all(*selects)).subquery("names")
+
+
+async def _latest_windows(
+    connection: AsyncConnection, names: Sequence[str], since: datetime
+) -> dict[str, WindowReading]:
+    """Per account, the newest row since `since` with ratelimit_* columns (one index look-up per account)."""
+    if not names:
+        return {}
+    accounts = _names(names)
+    other = api_requests.alias("other")
+    latest = (
+        sa.select(sa.func.max(other.c.timestamp))
+        .where(
+            other.c.account_id == accounts.c.account_id,
+            other.c.timestamp >= _bind_time(since),
+            sa.or_(other.c.ratelimit_5h_utilization.is_not(None), other.c.ratelimit_7d_utilization.is_not(None)),
+        )
+        .scalar_subquery()
+    )
+    newest = sa.select(accounts.c.account_id, latest.label("latest")).subquery("newest")
     rows = (
         await connection.execute(
             sa.select(
@@ -882,10 +1034,12 @@ async def _latest_windows(connection: AsyncConnection, since: datetime) -> dict[
                 R.ratelimit_5h_reset,
                 R.ratelimit_7d_utilization,
                 R.ratelimit_7d_reset,
-            ).join(newest, sa.and_(R.account_id == newest.c.account_id, R.timestamp == newest.c.latest))
+            )
+            .join(newest, sa.and_(R.account_id == newest.c.account_id, R.timestamp == newest.c.latest))
+            .where(R.timestamp >= _bind_time(since))
         )
     ).mappings()
-    readings = {
+    return {
         row["account_id"]: WindowReading(
             status=row["ratelimit_status"],
             observed_at=_utc(row["timestamp"]),
@@ -896,178 +1050,94 @@ async def _latest_windows(connection: AsyncConnection, since: datetime) -> dict[
         )
         for row in rows
     }
-    return readings
 
 
 HEADER_LOOKBACK = 50
 
 
-async def _windows_from_headers(connection: AsyncConnection, account_id: str, since: datetime) -> WindowReading | None:
-    """For accounts whose rows predate the ratelimit_* columns: the stored headers of its latest responses (a
+async def _windows_from_headers(
+    connection: AsyncConnection, names: Sequence[str], since: datetime
+) -> dict[str, WindowReading]:
+    """For accounts whose rows predate the ratelimit_* columns: the stored headers of each one's latest responses (a
     bounded look-back on the (account_id, timestamp) index, so an account without such headers costs little)."""
+    if not names:
+        return {}
+    accounts = _names(names)
+    other = api_requests.alias("other")
+    # The timestamp of the account's HEADER_LOOKBACK-th newest row (none when it has fewer).
+    cutoff = (
+        sa.select(other.c.timestamp)
+        .where(other.c.account_id == accounts.c.account_id, other.c.timestamp >= _bind_time(since))
+        .order_by(other.c.timestamp.desc())
+        .limit(1)
+        .offset(HEADER_LOOKBACK - 1)
+        .scalar_subquery()
+    )
+    oldest = sa.func.coalesce(cutoff, sa.literal(_bind_time(since), sa.DateTime(timezone=True)))
+    bounds = sa.select(accounts.c.account_id, oldest.label("oldest")).subquery("bounds")
     rows = await connection.execute(
-        sa.select(R.timestamp, R.response_headers)
-        .where(R.account_id == account_id, R.timestamp >= _bind_time(since))
-        .order_by(R.timestamp.desc())
-        .limit(HEADER_LOOKBACK)
+        sa.select(R.account_id, R.timestamp, R.response_headers)
+        .join(bounds, sa.and_(R.account_id == bounds.c.account_id, R.timestamp >= bounds.c.oldest))
+        .where(R.timestamp >= _bind_time(since))
+        .order_by(R.account_id, R.timestamp.desc())
     )
-    for stamp, headers in rows:
-        if isinstance(headers, dict):
-            reading = window_from_headers(headers, _utc(stamp))
-            if reading is not None:
-                return reading
-    return None
+    readings: dict[str, WindowReading] = {}
+    looked: dict[str, int] = defaultdict(int)
+    for account, stamp, headers in rows:
+        looked[account] += 1
+        if account in readings or looked[account] > HEADER_LOOKBACK or not isinstance(headers, dict):
+            continue
+        reading = window_from_headers(headers, _utc(stamp))
+        if reading is not None:
+            readings[account] = reading
+    return readings
 
 
-async def token_usage(connection: AsyncConnection, now: datetime, accounts: Iterable[str] = ()) -> TokenUsage:
-    """Per account: 5-hour and 7-day utilisation with reset times, and the tokens sent within each window (the
-    window Anthropic reports when a reset time is known, else the trailing 5 hours / 7 days); per train: tokens in
-    the trailing windows; hourly tokens per account over 7 days."""
-    now = _utc(now)
-    week_ago = now - SEVEN_DAYS
-    seen = (
-        await connection.execute(
-            sa.select(R.account_id, sa.func.max(R.timestamp))
-            .where(R.timestamp >= _bind_time(week_ago), R.account_id.is_not(None))
-            .group_by(R.account_id)
-        )
-    ).all()
-    last_request = {account: _utc(stamp) for account, stamp in seen}
-    names = sorted(set(last_request) | set(accounts))
-    readings = await _latest_windows(connection, week_ago - timedelta(days=1))
-    usage = []
-    for name in names:
-        reading = readings.get(name)
-        if reading is None:
-            reading = await _windows_from_headers(connection, name, week_ago)
-        five_start = _window_start(reading.five_hour_reset if reading else None, FIVE_HOURS, now)
-        seven_start = _window_start(reading.seven_day_reset if reading else None, SEVEN_DAYS, now)
-        five, seven = await _account_window_tokens(connection, name, five_start, seven_start, now)
-        usage.append(
-            AccountUsage(
-                account_id=name,
-                status=reading.status if reading else None,
-                observed_at=reading.observed_at if reading else None,
-                five_hour=Window(
-                    reading.five_hour_utilization if reading else None,
-                    reading.five_hour_reset if reading else None,
-                    five,
-                ),
-                seven_day=Window(
-                    reading.seven_day_utilization if reading else None,
-                    reading.seven_day_reset if reading else None,
-                    seven,
-                ),
-                last_request=last_request.get(name),
-            )
-        )
-    return TokenUsage(
-        now=now,
-        accounts=usage,
-        trains=await _train_usage(connection, now),
-        hourly=await _hourly(connection, week_ago, now),
-    )
-
-
-def _window_start(reset: datetime | None, length: timedelta, now: datetime) -> datetime:
-    if reset is not None and reset > now and reset - length <= now:
-        return reset - length
-    return now - length
-
-
-async def _account_window_tokens(
-    connection: AsyncConnection, account_id: str, five_start: datetime, seven_start: datetime, now: datetime
-) -> tuple[Totals, Totals]:
-    def within(start: datetime) -> list[sa.ColumnElement[Any]]:
-        inside = R.timestamp >= _bind_time(start)
-        failed = R.outcome != "completed"
-        return [
-            sa.func.sum(sa.case((inside, 1), else_=0)),
-            sa.func.sum(sa.case((sa.and_(inside, failed), 1), else_=0)),
-            *(
-                sa.func.sum(sa.case((inside, column), else_=0))
-                for column in (
-                    R.input_tokens,
-                    R.output_tokens,
-                    R.cache_read_input_tokens,
-                    R.cache_creation_input_tokens,
-                    R.cost_usd,
-                )
-            ),
-        ]
-
-    earliest = min(five_start, seven_start)
-    row = (
-        await connection.execute(
-            sa.select(*within(five_start), *within(seven_start)).where(
-                R.account_id == account_id, R.timestamp >= _bind_time(earliest), R.timestamp <= _bind_time(now)
-            )
-        )
-    ).one()
-    values = [value or 0 for value in row]
-    return _totals_of(values[:7]), _totals_of(values[7:])
-
-
-def _totals_of(values: Sequence[Any]) -> Totals:
-    return Totals(
-        requests=int(values[0]),
-        errors=int(values[1]),
-        input_tokens=int(values[2]),
-        output_tokens=int(values[3]),
-        cache_read_input_tokens=int(values[4]),
-        cache_creation_input_tokens=int(values[5]),
-        cost_usd=float(values[6]),
-    )
-
-
-async def _train_usage(connection: AsyncConnection, now: datetime) -> list[TrainUsage]:
-    five_ago = now - FIVE_HOURS
-    recent = R.timestamp >= _bind_time(five_ago)
-    rows = (
-        await connection.execute(
+async def _window_tokens(
+    connection: AsyncConnection, week: _Week, starts: Mapping[tuple[str, timedelta], datetime], now: datetime
+) -> dict[tuple[str, timedelta], Totals]:
+    """The totals of each account's rows from its window's start to `now`: the hours of `week` that lie wholly
+    inside the window, plus (one query for all windows) the rows between a start and the next full hour."""
+    tokens: dict[tuple[str, timedelta], Totals] = {}
+    edges: list[tuple[tuple[str, timedelta], datetime, datetime]] = []
+    for key, start in starts.items():
+        first = start.replace(minute=0, second=0, microsecond=0)
+        if first < start and start > week.since:
+            first += HOUR
+            edges.append((key, start, first))
+        totals = Totals()
+        for hour, part in week.hours.get(key[0], {}).items():
+            if hour >= first:
+                totals.add(part)
+        tokens[key] = totals
+    if edges:
+        ranges = [
             sa.select(
-                R.train_id,
-                *_totals_columns(),
-                sa.func.sum(sa.case((recent, 1), else_=0)).label("r_requests"),
-                sa.func.sum(sa.case((sa.and_(recent, R.outcome != "completed"), 1), else_=0)).label("r_errors"),
-                *(
-                    sa.func.sum(sa.case((recent, column), else_=0)).label("r_" + column.name)
-                    for column in (
-                        R.input_tokens,
-                        R.output_tokens,
-                        R.cache_read_input_tokens,
-                        R.cache_creation_input_tokens,
-                        R.cost_usd,
-                    )
-                ),
+                sa.literal(index).label("edge"),
+                sa.literal(account, sa.String).label("account_id"),
+                sa.literal(_bind_time(start), sa.DateTime(timezone=True)).label("start"),
+                sa.literal(_bind_time(stop), sa.DateTime(timezone=True)).label("stop"),
             )
-            .where(R.timestamp >= _bind_time(now - SEVEN_DAYS), R.timestamp <= _bind_time(now))
-            .group_by(R.train_id)
-            .order_by(R.train_id)
-        )
-    ).mappings()
-    return [
-        TrainUsage(
-            train_id=row["train_id"],
-            five_hour=_totals({key.removeprefix("r_"): row[key] for key in row if key.startswith("r_")}),
-            seven_day=_totals(row),
-        )
-        for row in rows
-    ]
-
-
-async def _hourly(connection: AsyncConnection, since: datetime, until: datetime) -> list[UsagePoint]:
-    bucket = time_bucket(connection, 3600).label("bucket")
-    rows = await connection.execute(
-        sa.select(bucket, R.account_id, sa.func.sum(R.output_tokens), sa.func.sum(R.input_tokens))
-        .where(R.timestamp >= _bind_time(since), R.timestamp <= _bind_time(until), R.account_id.is_not(None))
-        .group_by(bucket, R.account_id)
-        .order_by(bucket)
-    )
-    return [
-        UsagePoint(datetime.fromtimestamp(bucket_start(start), UTC), account, int(output or 0), int(inputs or 0))
-        for start, account, output, inputs in rows
-    ]
+            for index, ((account, _), start, stop) in enumerate(edges)
+        ]
+        table = (ranges[0] if len(ranges) == 1 else sa.union_all(*ranges)).subquery("edges")
+        rows = (
+            await connection.execute(
+                sa.select(table.c.edge, *_totals_columns())
+                .join_from(
+                    table,
+                    api_requests,
+                    sa.and_(
+                        R.account_id == table.c.account_id, R.timestamp >= table.c.start, R.timestamp < table.c.stop
+                    ),
+                )
+                .where(R.timestamp >= _bind_time(min(start for _, start, _ in edges)), R.timestamp <= _bind_time(now))
+                .group_by(table.c.edge)
+            )
+        ).mappings()
+        for row in rows:
+            tokens[edges[row["edge"]][0]].add(_totals(row))
+    return tokens
 
 
 # -- trains and accounts ----------------------------------------------------------------------------------------
