@@ -9,6 +9,7 @@ string a meaning of its own: where "empty" is documented (`DASHBOARD_ALLOWED_DOM
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -186,8 +187,16 @@ def normalise_database_url(value: str) -> str:
     raise ValueError("must be a postgresql:// or sqlite:/// URL")
 
 
+# Empty values count as unset, except where the default would quietly do something else than the user meant: an
+# empty DATABASE_URL (a templating slip) must not send a deployment's records to a local SQLite file.
+STRICT_WHEN_EMPTY = ("DATABASE_URL",)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (plus explicit overrides from CLI flags); raise SettingsError naming the variable."""
+    for name in STRICT_WHEN_EMPTY:
+        if os.environ.get(name) == "" and not overrides.get(name.lower()):
+            raise SettingsError(f"invalid configuration: {name}: set but empty (unset it to use the default)")
     try:
         return Settings(**{key: value for key, value in overrides.items() if value is not None})
     except ValidationError as error:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from prompttrain.settings import Settings, SettingsError, load_settings, normalise_database_url
+from prompttrain.settings import STRICT_WHEN_EMPTY, Settings, SettingsError, load_settings, normalise_database_url
 from tests.helpers import PROMPTTRAIN
 
 
@@ -54,11 +54,18 @@ def defaults(monkeypatch: pytest.MonkeyPatch) -> Settings:
     return load_settings()
 
 
-@pytest.mark.parametrize("name", SETTING_NAMES)
+@pytest.mark.parametrize("name", [name for name in SETTING_NAMES if name not in STRICT_WHEN_EMPTY])
 def test_an_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     unset = defaults(monkeypatch)
     monkeypatch.setenv(name, "")
     assert load_settings() == unset
+
+
+def test_an_empty_database_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults(monkeypatch)
+    monkeypatch.setenv("DATABASE_URL", "")
+    with pytest.raises(SettingsError, match="DATABASE_URL: set but empty"):
+        load_settings()
 
 
 def test_empty_variables_next_to_set_ones(monkeypatch: pytest.MonkeyPatch) -> None:
