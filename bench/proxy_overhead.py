@@ -556,7 +556,18 @@ class Services:
             await connection.close()
 
     def proxy_cpu(self) -> float | None:
-        return cpu_seconds(self.proxy.pid) if self.proxy is not None else None
+        """CPU seconds of the proxy and of its recording process (its child) so far."""
+        if self.proxy is None:
+            return None
+        pid = self.proxy.pid
+        try:
+            children = [
+                int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()
+            ]
+        except OSError:
+            children = []
+        times = [cpu_seconds(process) for process in (pid, *children)]
+        return None if times[0] is None else sum(t for t in times if t is not None)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -797,7 +808,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         "\nLatencies in ms. added = proxy - baseline percentile; TTFB+ = added time to the first body byte (SSE)."
         "\nrps = responses/s completed in the window; ratio = proxy/baseline."
-        "\nhdr ovh = median x-prompttrain-overhead-ms; cpu/req = proxy CPU ms per request incl. its background writer."
+        "\nhdr ovh = median x-prompttrain-overhead-ms; cpu/req = CPU ms per request, proxy + its recording process."
         "\nrec lag = responses not yet stored as rows when the load stopped."
     )
     problems = []

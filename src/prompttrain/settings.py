@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     writer_payload_memory_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # On shutdown, how long to keep writing what is queued (then metadata goes to the spool).
     writer_shutdown_seconds: float = Field(default=30.0, ge=0)
+    # The recording process's CPU priority (nice, 0-19): the request path comes first; recording catches up.
+    writer_nice: int = Field(default=10, ge=0, le=19)
     spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     store_payloads: bool = True
     # On SIGTERM, how long in-flight requests (long Claude Code streams) may run before they are cut.

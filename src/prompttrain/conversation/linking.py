@@ -15,7 +15,7 @@ What we do differently, and why:
   conversation" (which would flag main-thread turns after a sub-agent too).
 - Branch timestamps are UTC (the reference uses server-local time for `compact_HHMMSS`).
 
-`facts_of` is pure CPU work on one request (run by the writer in a worker thread); `link` asks a `History` (the
+`facts_of` is pure CPU work on one request (run by the writer, in the recording process); `link` asks a `History` (the
 database, in the writer's transaction) the questions above.
 """
 

@@ -320,8 +320,8 @@ _active: PricingTable | None = None
 
 
 def active_pricing() -> PricingTable:
-    """The table in force. Rows are built in the writer's worker thread, which has no settings object: the proxy
-    installs its table once at start-up (`use_pricing`), and until then the shipped table applies."""
+    """The table in force. Rows are built by the writer, which has no settings object: the proxy and its recording
+    process install their table once at start-up (`use_pricing`), and until then the shipped table applies."""
     global _active
     if _active is None:
         _active = load_pricing()

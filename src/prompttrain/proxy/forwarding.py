@@ -2,7 +2,7 @@
 
 The client receives the upstream's status, headers (minus hop-by-hop) and body bytes as they arrive: every chunk
 read from the upstream is written to the client before the next is read. The copy (chunks with arrival times)
-goes to the background writer, which parses it off the request path. Only connection failures before any
+goes to the recording process, which parses it off the request path. Only connection failures before any
 response byte are retried, at most twice (Claude Code retries 429/529 itself; retrying those too would multiply).
 
 The upstream client is aiohttp rather than httpx: measured on the proxy benchmark, httpx's connection pool cost

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 METRICS_TIMEOUT_SECONDS = 2.0
 START_TIMEOUT_SECONDS = 60.0
+SEND_CHUNK_BYTES = 1 << 20
+TRANSPORT_HIGH_WATER_BYTES = 4 << 20
 STOP_MARGIN_SECONDS = 10.0
 
 _RECORDER_FAMILIES = frozenset(family.name for metric in metrics.RECORDER_METRICS for family in metric.describe())
@@ -52,7 +54,11 @@ class Recorder:
         self._trains: dict[str, SlackSettings | None] = dict(trains or {})
         self._kept: OrderedDict[uuid.UUID, tuple[list[bytes], int]] = OrderedDict()
         self._kept_bytes = 0
-        self._outbox: list[bytes] = []
+        # Frames not yet handed to the socket, in order. A sender task hands them over while the socket keeps up,
+        # so the transport's own buffer stays small (large transport buffers cost CPU on every partial write).
+        self._unsent: deque[list[bytes]] = deque()
+        self._unsent_ready = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._out: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -75,24 +81,35 @@ class Recorder:
             self._kept[record.request_id] = (frame, size)
             self._kept_bytes += size
             metrics.RECORDER_KEPT_BYTES.set(self._kept_bytes)
-            # Written once per turn of the event loop: under load, one system call carries many records.
-            if not self._outbox:
-                asyncio.get_running_loop().call_soon(self._send_outbox)
-            self._outbox.extend(frame)
+            self._write(frame)
         except Exception:  # recording must never fail a response
             log.exception("could not hand request %s to the recorder", record.request_id)
 
-    def _send_outbox(self) -> None:
-        self._write([])
-
     def _write(self, frame: list[bytes]) -> None:
-        """Send a frame after the records still waiting in the outbox, so nothing overtakes them."""
-        if self._outbox:
-            frame = [*self._outbox, *frame]
-            self._outbox = []
-        out = self._out
-        if frame and out is not None and not out.is_closing():
-            out.writelines(frame)
+        """Queue a frame for the sender (after everything queued before it: nothing overtakes a record)."""
+        self._unsent.append(frame)
+        self._unsent_ready.set()
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._unsent_ready.wait()
+            self._unsent_ready.clear()
+            out = self._out
+            if out is None:
+                continue  # a new recorder is being started: `_spawn` queues everything again
+            try:
+                while self._unsent and self._out is out:
+                    # Under load, one system call carries many records.
+                    parts: list[bytes] = []
+                    size = 0
+                    while self._unsent and size < SEND_CHUNK_BYTES:
+                        frame = self._unsent.popleft()
+                        parts.extend(frame)
+                        size += wire.frame_size(frame)
+                    out.writelines(parts)
+                    await out.drain()
+            except (ConnectionError, RuntimeError) as error:
+                log.warning("the recording process stopped reading (%s)", error)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -129,11 +146,15 @@ class Recorder:
         finally:
             theirs.close()
         self._reader, self._out = await asyncio.open_unix_connection(sock=ours)
-        self._outbox = []  # kept as well: sent below
-        self._out.writelines(wire.encode(wire.HELLO, self.settings))
-        self._out.writelines(wire.encode(wire.TRAINS, self._trains))
-        for frame, _ in self._kept.values():  # after a restart: everything not yet stored, in order
-            self._out.writelines(frame)
+        self._out.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER_BYTES)
+        # Everything not yet stored, in order (after a restart, records the previous recorder had not confirmed).
+        self._unsent.clear()
+        self._unsent.append(wire.encode(wire.HELLO, self.settings))
+        self._unsent.append(wire.encode(wire.TRAINS, self._trains))
+        self._unsent.extend(frame for frame, _ in self._kept.values())
+        self._unsent_ready.set()
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_forever(), name="recorder-sender")
 
     async def _supervise(self) -> None:
         for attempt in itertools.count():
@@ -231,10 +252,11 @@ class Recorder:
                 log.error("the recording process did not exit: killing it")
                 process.kill()
                 await process.wait()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        for task in (self._supervisor, self._sender):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._kept:
             log.error("%d requests were not stored before shutdown", len(self._kept))
 

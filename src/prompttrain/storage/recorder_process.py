@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ from prompttrain.telemetry import TelemetrySender
 
 log = logging.getLogger(__name__)
 
+READ_BUFFER_BYTES = 4 << 20
 ADOPT_SECONDS = 5.0  # how often to look for spools left by recorders that have ended
 
 
@@ -54,6 +56,7 @@ class RecordingService:
         if self.telemetry is not None:
             observers.append(self.telemetry)
         self.spool_root = settings.data_dir / "spool"
+
         self._spool_lock: IO[bytes] | None = None
         self.writer: RequestWriter | None = None
         self.observers = observers
@@ -77,6 +80,7 @@ class RecordingService:
             store_payloads=settings.store_payloads,
             observers=self.observers,
             on_done=self._done,
+            convert_in_thread=False,
         )
         self.writer.start()
         self._spawn(self._adopt_forever(spool))
@@ -161,7 +165,8 @@ def owned_families() -> list[Any]:
 
 
 async def serve(fd: int) -> None:
-    reader, out = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    # A large read buffer: a 200 KB body arrives in one read instead of several paused and resumed ones.
+    reader, out = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd), limit=READ_BUFFER_BYTES)
     hello = await wire.read_frame(reader)
     if hello is None or hello[0] != wire.HELLO:
         log.error("the recording process expected its settings first; exiting")
@@ -170,6 +175,8 @@ async def serve(fd: int) -> None:
     from prompttrain.cli import configure_logging
 
     configure_logging(settings.log_level)
+    if settings.writer_nice:
+        os.nice(settings.writer_nice)  # lowering one's own priority needs no privilege
     exchange_metrics.configure(settings.metrics_model_label)
     use_pricing(await asyncio.to_thread(load_pricing, settings.pricing_file))
     service = RecordingService(settings, out)

@@ -1,10 +1,11 @@
-"""The background writer: two lanes from the request path to the database, neither able to slow a request.
+"""The background writer: two lanes to the database, neither able to slow a request.
 
-`submit` (the only call on the request path) appends the captured exchange to an in-memory intake and returns; it
-never blocks, never raises and never touches the disk or the database. Three tasks do the rest:
+It runs in the proxy's recording process (`recorder_process.py`; the proxy's side is `recorder.py`). `submit`
+appends an exchange to an in-memory intake and returns; it never blocks, never raises and never touches the disk or
+the database. Three tasks do the rest:
 
-- the converter parses intakes in a worker thread into a metadata row (`api_requests`) and a payload row
-  (`request_payloads` + content blobs);
+- the converter parses intakes into a metadata row (`api_requests`) and a payload row (`request_payloads` + content
+  blobs), on the event loop one record at a time (in the recording process) or in a worker thread;
 - the metadata lane never drops a row: it batches inserts, and when the database is unavailable (or the lane backs
   up) it appends rows to the fsync'd local spool and replays them in order once the database answers again;
 - the payload lane may shed bodies under pressure (memory budget exceeded while the database is slow or down):
@@ -47,6 +48,7 @@ Observer = Callable[[ExchangeRecord, BuiltRows], None]
 DoneCallback = Callable[[list[uuid.UUID]], None]
 
 REPLAY_BATCH = 500
+CONVERT_SLICE = 1  # records converted on the event loop between two chances for other tasks (socket, lanes) to run
 PAYLOAD_BATCH_BYTES = 8 * 1024 * 1024
 KNOWN_BLOBS = 100_000
 MAX_BACKOFF_SECONDS = 5.0
@@ -70,6 +72,7 @@ class RequestWriter:
         store_payloads: bool = True,
         observers: Sequence[Observer] = (),
         on_done: DoneCallback | None = None,
+        convert_in_thread: bool = True,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -81,6 +84,9 @@ class RequestWriter:
         # Called with every exchange once its rows are built (metrics, notifications); never on the request path.
         self.observers = list(observers)
         self.on_done = on_done
+        # In a process of its own (the recorder) the writer converts on its event loop, a few records at a time:
+        # a worker thread would only contend with the loop for the GIL. Next to a request path it uses a thread.
+        self.convert_in_thread = convert_in_thread
         # Exchanges converted but not yet done, per lane (only tracked when someone listens: `on_done`).
         self._metadata_open: set[uuid.UUID] = set()
         self._payload_open: set[uuid.UUID] = set()
@@ -204,31 +210,46 @@ class RequestWriter:
             await self._intake_ready.wait()
             self._intake_ready.clear()
             while self._intake:
-                batch = [self._intake.popleft() for _ in range(min(len(self._intake), self.batch_size))]
+                batch = self._take_batch(self.batch_size)
                 self._busy += 1
                 try:
-                    converted = await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs)
-                    for record, built in zip(batch, converted, strict=True):
-                        row, payload = built.metadata, built.payload
-                        self._payload_bytes -= record.accounted_bytes
-                        if payload is not None:
-                            if self._payload_bytes + payload.size > self.payload_memory_bytes:
-                                row["payload_shed"] = True
-                                metrics.PAYLOADS_SHED.inc()
-                            else:
-                                self._payload_bytes += payload.size
-                                self._payloads.append(payload)
-                                if self.on_done is not None:
-                                    self._payload_open.add(record.request_id)
-                        if self.on_done is not None:
-                            self._metadata_open.add(record.request_id)
-                        self._metadata.append(_spool_entry(row))
-                        self._observe(record, built)
+                    converted = await self._convert_batch(batch)
+                    self._accept(batch, converted)
                 finally:
                     self._busy -= 1
-                self._metadata_ready.set()
-                self._payloads_ready.set()
-                self._report_depth()
+
+    def _take_batch(self, size: int) -> list[ExchangeRecord]:
+        return [self._intake.popleft() for _ in range(min(len(self._intake), size))]
+
+    def _accept(self, batch: list[ExchangeRecord], converted: list[BuiltRows]) -> None:
+        for record, built in zip(batch, converted, strict=True):
+            row, payload = built.metadata, built.payload
+            self._payload_bytes -= record.accounted_bytes
+            if payload is not None:
+                if self._payload_bytes + payload.size > self.payload_memory_bytes:
+                    row["payload_shed"] = True
+                    metrics.PAYLOADS_SHED.inc()
+                else:
+                    self._payload_bytes += payload.size
+                    self._payloads.append(payload)
+                    if self.on_done is not None:
+                        self._payload_open.add(record.request_id)
+            if self.on_done is not None:
+                self._metadata_open.add(record.request_id)
+            self._metadata.append(_spool_entry(row))
+            self._observe(record, built)
+        self._metadata_ready.set()
+        self._payloads_ready.set()
+        self._report_depth()
+
+    async def _convert_batch(self, batch: list[ExchangeRecord]) -> list[BuiltRows]:
+        if self.convert_in_thread:
+            return await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs)
+        converted: list[BuiltRows] = []
+        for start in range(0, len(batch), CONVERT_SLICE):
+            converted.extend(_convert(batch[start : start + CONVERT_SLICE], self.store_payloads, self._known_blobs))
+            await asyncio.sleep(0)  # let the lanes and the socket move between slices
+        return converted
 
     def _observe(self, record: ExchangeRecord, built: BuiltRows) -> None:
         for observer in self.observers:
