@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,55 @@ def deduplicate(messages: Sequence[Message]) -> list[Message]:
     return kept
 
 
+class SeenBefore:
+    """Normalised message lines and system hashes computed before, keyed by the storage's content digest of the
+    value (`storage/content.py`, the SHA-256 of its canonical JSON): Claude Code resends the whole conversation
+    every turn, so all but its newest messages were normalised on an earlier request. Equal digests mean equal
+    values, so a hit is exactly what normalising again would give. Bounded in bytes, least recently used out."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_systems: int = 1024) -> None:
+        self.max_bytes = max_bytes
+        self.max_systems = max_systems
+        self._lines: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._systems: OrderedDict[bytes, str | None] = OrderedDict()
+
+    def line(self, digest: bytes) -> bytes | None:
+        line = self._lines.get(digest)
+        if line is not None:
+            self._lines.move_to_end(digest)
+        return line
+
+    def remember_line(self, digest: bytes, line: bytes) -> None:
+        if digest in self._lines or len(line) > self.max_bytes // 8:
+            return
+        self._lines[digest] = line
+        self._bytes += len(line) + len(digest)
+        while self._bytes > self.max_bytes:
+            old_digest, old_line = self._lines.popitem(last=False)
+            self._bytes -= len(old_line) + len(old_digest)
+
+    def system_hash(self, refs: bytes, system: Any) -> str | None:
+        if refs in self._systems:
+            self._systems.move_to_end(refs)
+            return self._systems[refs]
+        value = self._systems[refs] = hash_system(system)
+        if len(self._systems) > self.max_systems:
+            self._systems.popitem(last=False)
+        return value
+
+
+SEEN_BEFORE = SeenBefore()  # the writer's (one per process; the converter runs on one thread at a time)
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """The content digests of one request's messages (by object identity) and of its system blocks."""
+
+    messages: Mapping[int, bytes]
+    system: bytes | None
+
+
 def hash_messages(messages: Sequence[Message]) -> str:
     digest = hashlib.sha256()
     for message in messages:
@@ -166,6 +216,16 @@ def stable_system_text(text: str) -> str:
     return EXTRA_NEWLINES.sub("\n\n", text).strip()
 
 
+def _line(message: Message, addresses: Addresses | None) -> bytes:
+    address = addresses.messages.get(id(message)) if addresses is not None else None
+    if address is not None and (known := SEEN_BEFORE.line(address)) is not None:
+        return known
+    line = f"{message.get('role')}\n{normalise_content(message.get('content'))}\n".encode()
+    if address is not None:
+        SEEN_BEFORE.remember_line(address, line)
+    return line
+
+
 def hash_system(system: Any) -> str | None:
     text = system_text(system)
     if text is None:
@@ -183,7 +243,7 @@ class MessageHashes:
     conversation_length: int  # user/assistant messages
 
 
-def message_hashes(messages: Any) -> MessageHashes:
+def message_hashes(messages: Any, addresses: Addresses | None = None) -> MessageHashes:
     conversation = conversation_messages(messages)
     count = len(messages) if isinstance(messages, list) else 0
     if not conversation:
@@ -197,7 +257,7 @@ def message_hashes(messages: Any) -> MessageHashes:
     for index, message in enumerate(deduplicated):
         if index in wanted:
             prefixes[index] = digest.copy().hexdigest()
-        digest.update(f"{message.get('role')}\n{normalise_content(message.get('content'))}\n".encode())
+        digest.update(_line(message, addresses))
     current = digest.hexdigest()
     if len(conversation) == 1:
         return MessageHashes(current, None, None, count, 1)

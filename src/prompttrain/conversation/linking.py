@@ -30,6 +30,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from prompttrain.conversation.hashing import (
+    SEEN_BEFORE,
+    Addresses,
     conversation_messages,
     hash_system,
     message_hashes,
@@ -213,11 +215,14 @@ def without_summary_instruction(messages: list[dict[str, Any]]) -> list[dict[str
     return [*messages[:-1], {**messages[-1], "content": content[:-1]}]
 
 
-def facts_of(body: Any, response: dict[str, Any] | None) -> LinkFacts | None:
-    """Hashes and markers of a Messages request (and its response); None if it is not a conversation turn."""
+def facts_of(body: Any, response: dict[str, Any] | None, addresses: Addresses | None = None) -> LinkFacts | None:
+    """Hashes and markers of a Messages request (and its response); None if it is not a conversation turn.
+
+    `addresses` (the content digests the storage computed for the same body) lets unchanged messages and system
+    prompts skip normalisation; the result is the same with or without them."""
     if not isinstance(body, dict):
         return None
-    hashes = message_hashes(body.get("messages"))
+    hashes = message_hashes(body.get("messages"), addresses)
     if hashes.current is None:
         return None
     conversation = conversation_messages(body.get("messages"))
@@ -245,7 +250,11 @@ def facts_of(body: Any, response: dict[str, Any] | None) -> LinkFacts | None:
         current_hash=hashes.current,
         parent_hash=parent_hash,
         grandparent_hash=grandparent_hash,
-        system_hash=hash_system(body.get("system")),
+        system_hash=(
+            SEEN_BEFORE.system_hash(addresses.system, body.get("system"))
+            if addresses is not None and addresses.system is not None
+            else hash_system(body.get("system"))
+        ),
         message_count=hashes.message_count,
         conversation_length=hashes.conversation_length,
         is_summarization=summary_request,

@@ -40,6 +40,7 @@ class SplitBody:
     message_chunks: bytes  # digests of chunk blobs, each listing CHUNK_DIGESTS message digests
     message_refs: bytes  # the messages after the last full chunk
     blobs: Mapping[bytes, str]  # digest -> the JSON of the value as sent (or a chunk's hex digests)
+    message_digests: bytes = b""  # every message's digest, in order (chunked ones included; not stored)
 
 
 def chunk_digest(digests: bytes) -> bytes:
@@ -105,6 +106,7 @@ def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozens
         message_chunks=b"".join(chunks),
         message_refs=message_refs[full:],
         blobs=blobs,
+        message_digests=message_refs,
     )
 
 

@@ -19,12 +19,13 @@ from typing import Any, Protocol
 import orjson
 
 from prompttrain.conversation.attribution import tool_result_names
+from prompttrain.conversation.hashing import Addresses
 from prompttrain.conversation.linking import SUBAGENT_TOOLS, compact_summary_of, facts_of
 from prompttrain.conversation.pricing import FREE, active_pricing
 from prompttrain.conversation.ratelimits import parse_windows
 from prompttrain.conversation.stream import summarise_stream
 from prompttrain.conversation.usage import tool_calls_of, usage_of
-from prompttrain.storage.content import split_body
+from prompttrain.storage.content import DIGEST_SIZE, SplitBody, split_body
 
 MAX_ERROR_MESSAGE = 2000
 LINK_KEY = "_link"  # the row key carrying LinkFacts from the converter to the insert (not a column)
@@ -153,16 +154,35 @@ def build_rows(
 ) -> BuiltRows:
     """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
     row, message = _metadata_row(record)
-    row.update(conversation_columns(record.parsed_body, message))
     if record.payload_shed or not keep_payload:
+        row.update(conversation_columns(record.parsed_body, message))
         row["payload_shed"] = record.payload_shed
         return BuiltRows(row, None, message)
-    return BuiltRows(row, payload_row(record, message, known_blobs), message)
+    body = record.request_body
+    split = split_body(body, record.parsed_body, known_blobs) if body else None
+    # The content digests just computed spare linking the normalisation of messages it has seen before.
+    row.update(conversation_columns(record.parsed_body, message, addresses_of(record.parsed_body, split)))
+    return BuiltRows(row, payload_row(record, message, known_blobs, split), message)
 
 
-def conversation_columns(body: Any, message: dict[str, Any] | None) -> dict[str, Any]:
+def addresses_of(body: Any, split: SplitBody | None) -> Addresses | None:
+    if split is None or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    digests = split.message_digests
+    return Addresses(
+        messages={
+            id(item): digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+            for index, item in enumerate(body["messages"])
+        },
+        system=split.system_refs,
+    )
+
+
+def conversation_columns(
+    body: Any, message: dict[str, Any] | None, addresses: Addresses | None = None
+) -> dict[str, Any]:
     """Hashes and markers for conversation linking (done at insert, storage/linking_store.py)."""
-    facts = facts_of(body, message)
+    facts = facts_of(body, message, addresses)
     if facts is None:
         return {}
     return {
@@ -188,10 +208,14 @@ def build_row(record: ExchangeRecord) -> dict[str, Any]:
 
 
 def payload_row(
-    record: ExchangeRecord, message: dict[str, Any] | None, known_blobs: Container[bytes] = frozenset()
+    record: ExchangeRecord,
+    message: dict[str, Any] | None,
+    known_blobs: Container[bytes] = frozenset(),
+    split: SplitBody | None = None,
 ) -> PayloadRow:
     body = record.request_body
-    split = split_body(body, record.parsed_body, known_blobs) if body else None
+    if split is None and body:
+        split = split_body(body, record.parsed_body, known_blobs)
     row: dict[str, Any] = {
         "request_id": record.request_id,
         "timestamp": record.started_at,
