@@ -28,18 +28,19 @@ at least 500 requests/s of 200 KB bodies on this machine.
    the payload lane (``_insert_payloads``). The lanes overlap, so their busy times add up to more than the elapsed
    time. Then the rows are checked: one conversation per generated conversation, and the expected number of rows
    on ``main``, ``subtask_1``, ``branch_*`` and ``compact_*``. The same run is repeated on a SQLite file.
-4. (b) The request path: ``Recorder.submit`` is the only recording call a request makes. A second workload (new
-   conversations) is submitted to a running recording process (PostgreSQL) at ``--rate`` (500) requests/s with the
-   proxy's default payload budget; each ``submit`` call is timed (µs), and the backlog (records not yet
-   confirmed). For comparison, the per-record conversion time (what linking would cost if it ran on the request
-   path) is printed next to it.
+4. (b) The request path: ``RecordingProcesses.submit`` is the only recording call a request makes. A second
+   workload (new conversations) is submitted to running recording processes (PostgreSQL) at ``--rate`` (500)
+   requests/s with the proxy's default payload budget; each ``submit`` call is timed (µs), and the backlog (records
+   not yet confirmed). For comparison, the per-record conversion time (what linking would cost if it ran on the
+   request path) is printed next to it.
 5. Each stage alone, on a fresh PostgreSQL database: ``build_rows`` record by record (what the converter does), then
    the metadata lane's batches (``_apply_entries``), then the payload lane's (``_insert_payloads``), one after the
    other: the rate each stage could sustain without the others competing for the CPU and the GIL.
 
 0. The proxy's own set-up, measured first and used for PASS/MISS: the records are submitted at once to a
-   ``Recorder`` (``storage/recorder.py``), which pickles each one (without its parsed body) to the recording
-   process the proxy runs (``storage/recorder_process.py``): that process parses the body again, then converts,
+   ``RecordingProcesses`` (``storage/recorder.py``, ``WRITER_PROCESSES``, 2 by default), which pickles each one
+   (without its parsed body) to the recording process its Claude Code session maps to
+   (``storage/recorder_process.py``): that process parses the body again, then converts,
    links and writes exactly as in (a). The clock runs until every ``api_requests`` row is committed (the table is
    polled every 20 ms) and on until the recorder has confirmed every record (payloads included). Runs (a) and (b)
    below drive a ``RequestWriter`` in this process instead, to split the time between its stages.
@@ -79,7 +80,7 @@ from prompttrain.storage import linking_store
 from prompttrain.storage import writer as writer_module
 from prompttrain.storage.engine import create_engine
 from prompttrain.storage.migrate import migrate
-from prompttrain.storage.recorder import Recorder
+from prompttrain.storage.recorder import RecordingProcesses
 from prompttrain.storage.records import ExchangeRecord, build_rows, new_request_id
 from prompttrain.storage.spool import Spool
 from prompttrain.storage.writer import RequestWriter
@@ -581,7 +582,7 @@ async def recorder_throughput(
     try:
         with tempfile.TemporaryDirectory(prefix="linking-bench-") as directory:
             budget = sum(len(request.raw) for request in workload) * 3 + (64 << 20)
-            recorder = Recorder(recorder_settings(url, Path(directory), budget))
+            recorder = RecordingProcesses(recorder_settings(url, Path(directory), budget))
             await recorder.start()
             await asyncio.sleep(1.0)  # the partition check runs at start: not part of the measurement
             batch = records(workload, claude, datetime.now(UTC) - timedelta(milliseconds=len(workload) + 1000))
@@ -650,7 +651,8 @@ async def request_path(
     engine = create_engine(url)
     try:
         with tempfile.TemporaryDirectory(prefix="linking-bench-") as directory:
-            recorder = Recorder(recorder_settings(url, Path(directory), 256 << 20))  # the proxy's default budget
+            # The proxy's default budget.
+            recorder = RecordingProcesses(recorder_settings(url, Path(directory), 256 << 20))
             await recorder.start()
             await asyncio.sleep(1.0)
             batch = records(workload, claude, datetime.now(UTC) - timedelta(milliseconds=len(workload) + 1000))

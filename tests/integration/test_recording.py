@@ -215,10 +215,12 @@ def test_a_killed_recorder_is_replaced_and_gets_every_unconfirmed_request_again(
     # keeps all twenty exchanges.
     wait_until(lambda: metric(proxy.url, "prompttrain_records_spooled_total") == 20, timeout=10)
     assert metric(proxy.url, "prompttrain_recorder_unconfirmed_bytes") > 0
-    [first] = children(proxy.process.pid)  # the recording process
-    os.kill(first, signal.SIGKILL)
-    wait_until(lambda: metric(proxy.url, "prompttrain_recorder_restarts_total") == 1, timeout=10)
-    wait_until(lambda: len(children(proxy.process.pid)) == 1 and children(proxy.process.pid) != [first])
+    first = children(proxy.process.pid)  # the recording processes (WRITER_PROCESSES, 2)
+    assert len(first) == 2
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: metric(proxy.url, "prompttrain_recorder_restarts_total") == 2, timeout=10)
+    wait_until(lambda: len(children(proxy.process.pid)) == 2 and not set(children(proxy.process.pid)) & set(first))
     relay.restore()
     rows = wait_for_rows(postgres_url, "SELECT request_id, payload_shed FROM api_requests", 20, timeout=30)
     assert len({row["request_id"] for row in rows}) == 20 and not any(row["payload_shed"] for row in rows)

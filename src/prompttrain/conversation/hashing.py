@@ -163,13 +163,29 @@ class SeenBefore:
             self._bytes -= len(old_line) + len(old_digest)
 
     def system_hash(self, refs: bytes, system: Any) -> str | None:
-        if refs in self._systems:
-            self._systems.move_to_end(refs)
-            return self._systems[refs]
-        value = self._systems[refs] = hash_system(system)
+        key = _system_key(refs, system)
+        if key in self._systems:
+            self._systems.move_to_end(key)
+            return self._systems[key]
+        value = self._systems[key] = hash_system(system)
         if len(self._systems) > self.max_systems:
             self._systems.popitem(last=False)
         return value
+
+
+def _system_key(refs: bytes, system: Any) -> bytes:
+    """The system blocks' digests without those that hold nothing but the billing line, which Claude Code changes
+    on every request and the system hash ignores (a block of one billing line leaves the same text whatever it
+    says)."""
+    if not isinstance(system, list) or len(refs) != len(system) * 32:
+        return refs
+    kept = (refs[index * 32 : index * 32 + 32] for index, block in enumerate(system) if not _billing_only(block))
+    return b"".join(kept)
+
+
+def _billing_only(block: Any) -> bool:
+    text = block.get("text") if isinstance(block, dict) else None
+    return isinstance(text, str) and len(text) < 1024 and "\n" not in text and BILLING_LINE.fullmatch(text) is not None
 
 
 SEEN_BEFORE = SeenBefore()  # the writer's (one per process; the converter runs on one thread at a time)

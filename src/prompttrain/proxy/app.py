@@ -63,7 +63,7 @@ from prompttrain.settings import Settings
 from prompttrain.storage.engine import create_engine, database_is_ready
 from prompttrain.storage.migrate import migrate
 from prompttrain.storage.oauth_tokens import OAuthTokenStore, TokenCipher, load_or_create_key
-from prompttrain.storage.recorder import Recorder, exposition
+from prompttrain.storage.recorder import RecordingProcesses, exposition
 from prompttrain.storage.records import ExchangeRecord, Outcome, new_request_id
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ProxyState:
     client: aiohttp.ClientSession
     oauth: OAuthManager
     engine: AsyncEngine | None
-    writer: Recorder | None  # the recording process's proxy-side end (None: STORAGE_ENABLED=false)
+    writer: RecordingProcesses | None  # the recording processes' proxy-side ends (None: STORAGE_ENABLED=false)
     credentials: CredentialSource
     snapshot: CredentialSnapshot = EMPTY_SNAPSHOT
     cooldowns: CooldownTable = field(default_factory=CooldownTable)
@@ -201,7 +201,7 @@ async def start_state(settings: Settings) -> ProxyState:
     use_pricing(await asyncio.to_thread(load_pricing, settings.pricing_file))
     client = create_upstream_session(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
     engine: AsyncEngine | None = None
-    recorder: Recorder | None = None
+    recorder: RecordingProcesses | None = None
     store: OAuthTokenStore | None = None
     credentials = open_credential_source(settings)  # CREDENTIALS_SOURCE: directory or kubernetes
     if settings.storage_enabled:
@@ -209,7 +209,7 @@ async def start_state(settings: Settings) -> ProxyState:
             await migrate(settings.database_url)
         engine = create_engine(settings.database_url)
         # Parsing, linking, pricing, usage metrics, Slack and telemetry all happen in the recording process.
-        recorder = Recorder(settings)
+        recorder = RecordingProcesses(settings)
         await recorder.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
         store = OAuthTokenStore(engine, TokenCipher(key))

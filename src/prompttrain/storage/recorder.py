@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -43,6 +43,7 @@ START_TIMEOUT_SECONDS = 60.0
 SEND_CHUNK_BYTES = 1 << 20
 TRANSPORT_HIGH_WATER_BYTES = 4 << 20
 STOP_MARGIN_SECONDS = 10.0
+SESSIONS_REMEMBERED = 100_000  # which recording process each recent Claude Code session went to
 
 _RECORDER_FAMILIES = frozenset(family.name for metric in metrics.RECORDER_METRICS for family in metric.describe())
 
@@ -80,7 +81,6 @@ class Recorder:
             size = wire.frame_size(frame)
             self._kept[record.request_id] = (frame, size)
             self._kept_bytes += size
-            metrics.RECORDER_KEPT_BYTES.set(self._kept_bytes)
             self._write(frame)
         except Exception:  # recording must never fail a response
             log.exception("could not hand request %s to the recorder", record.request_id)
@@ -117,6 +117,10 @@ class Recorder:
     def pending(self) -> int:
         """Exchanges submitted and not yet stored (or spooled) by the recorder."""
         return len(self._kept)
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
 
     async def start(self) -> None:
         """Start the recording process and wait until it is ready (a broken one fails the proxy's start-up)."""
@@ -206,7 +210,6 @@ class Recorder:
             kept = self._kept.pop(request_id, None)
             if kept is not None:
                 self._kept_bytes -= kept[1]
-        metrics.RECORDER_KEPT_BYTES.set(self._kept_bytes)
 
     async def _ask(self, kind: str, argument: Any, timeout: float) -> Any:
         """Send a request frame and wait for its answer; None if the recorder is gone or too slow."""
@@ -268,6 +271,95 @@ class Recorder:
         if families is not None:
             self._families = families
         return self._families
+
+
+class RecordingProcesses:
+    """WRITER_PROCESSES recording processes; each Claude Code session's exchanges go to the same one.
+
+    A session is given to the process with the fewest unconfirmed exchanges when its first request arrives, and
+    stays there: a conversation's requests reach the database in order through one writer (as with one process),
+    its messages meet that writer's memory of what it normalised before, and sessions spread over the processes.
+    Requests without a session id go to the least busy process. Linking across processes is safe as it is across
+    replicas (storage/linking_store.py). The payload budget is shared out between them.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        count = settings.writer_processes
+        budget = settings.writer_payload_memory_bytes // count
+        share = settings.model_copy(update={"writer_payload_memory_bytes": budget})
+        self.recorders = [Recorder(share) for _ in range(count)]
+        self._sessions: OrderedDict[str, Recorder] = OrderedDict()
+
+    def _for(self, record: ExchangeRecord) -> Recorder:
+        if len(self.recorders) == 1:
+            return self.recorders[0]
+        session = record.session_id
+        recorder = self._sessions.get(session) if session else None
+        if recorder is None:
+            recorder = min(self.recorders, key=lambda candidate: candidate.pending)
+            if session:
+                self._sessions[session] = recorder
+                if len(self._sessions) > SESSIONS_REMEMBERED:
+                    self._sessions.popitem(last=False)
+        elif session:
+            self._sessions.move_to_end(session)
+        return recorder
+
+    def submit(self, record: ExchangeRecord) -> None:
+        self._for(record).submit(record)
+
+    @property
+    def pending(self) -> int:
+        return sum(recorder.pending for recorder in self.recorders)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(recorder.start() for recorder in self.recorders))
+        metrics.RECORDER_KEPT_BYTES.set_function(lambda: float(sum(r.kept_bytes for r in self.recorders)))
+
+    async def flush(self, timeout: float = 30.0) -> bool:
+        return all(await asyncio.gather(*(recorder.flush(timeout) for recorder in self.recorders)))
+
+    def update_trains(self, trains: Mapping[str, SlackSettings | None]) -> None:
+        for recorder in self.recorders:
+            recorder.update_trains(trains)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        await asyncio.gather(*(recorder.stop(timeout) for recorder in self.recorders))
+
+    async def metric_families(self) -> list[Metric]:
+        reports = await asyncio.gather(*(recorder.metric_families() for recorder in self.recorders))
+        return merge_families(reports)
+
+
+# Per-account readings of the latest response (a ratio, a time, a 0/1 status): the highest across processes. Every
+# other recorder metric is a count or a size, summed.
+_LATEST_READINGS = frozenset(
+    family.name
+    for metric in (metrics.WINDOW_UTILIZATION, metrics.WINDOW_RESET, metrics.WINDOW_STATUS)
+    for family in metric.describe()
+)
+
+
+def merge_families(reports: Sequence[list[Metric]]) -> list[Metric]:
+    """One set of metric families from several recording processes' (the same families, each process's values)."""
+    if len(reports) == 1:
+        return reports[0]
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in reports:
+        for family in families:
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            combine = max if family.name in _LATEST_READINGS else sum
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                samples[key] = combine((samples[key], sample.value)) if key in samples else sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
 
 
 class _Families(Collector):
