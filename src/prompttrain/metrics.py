@@ -158,8 +158,8 @@ OPERATOR_RECONCILIATIONS = Counter(
     ["ready", "reason"],
 )
 
-# What the proxy's recording process sets (the writer, its observers, Slack and telemetry). It reports them to the
-# proxy, whose /metrics serves them in place of its own (empty) copies.
+# What the proxy's recording processes set (the writer, its observers, telemetry). They report them to the proxy,
+# whose /metrics serves them in place of its own (empty) copies. Slack's are the proxy's: it sends the notices.
 RECORDER_METRICS = (
     WRITER_QUEUE_DEPTH,
     WRITER_QUEUE_BYTES,
@@ -176,7 +176,5 @@ RECORDER_METRICS = (
     WINDOW_UTILIZATION,
     WINDOW_RESET,
     WINDOW_STATUS,
-    SLACK_MESSAGES,
-    SLACK_QUEUE_DEPTH,
     TELEMETRY_EVENTS,
 )

@@ -11,8 +11,9 @@ What is sent:
   unreachable connection, or an account's credentials refused (401/403, not for passthrough trains, whose
   credentials are the client's own). A client's own mistakes (400, 404, 413) are not notified.
 
-It runs in the writer task, after the row was built: the formatting costs nothing on the request path, and the
-sender only queues.
+It runs in the recording processes, after the row was built: the formatting costs nothing on the request path.
+The notices go to the proxy's one Slack sender (`NoticeSink`), which only queues them, so each webhook has one queue
+and one rate limit whatever the number of recording processes.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prompttrain.credentials import CredentialSnapshot, SlackSettings
 from prompttrain.notifications import slack
-from prompttrain.notifications.sender import Notice, SlackSender
+from prompttrain.notifications.sender import Notice
 from prompttrain.settings import Settings
 from prompttrain.storage.records import BuiltRows, ExchangeRecord, Outcome
 
@@ -43,8 +44,14 @@ def train_slack(snapshot: CredentialSnapshot) -> dict[str, SlackSettings | None]
     return {train_id: train.slack for train_id, train in snapshot.trains.items()}
 
 
+class NoticeSink(Protocol):
+    """Takes a notification without waiting: the Slack sender, or the relay from a recording process to it."""
+
+    def offer(self, notice: Notice) -> None: ...
+
+
 class SlackObserver:
-    def __init__(self, sender: SlackSender, settings: Settings, trains: Callable[[], TrainSlack]) -> None:
+    def __init__(self, sender: NoticeSink, settings: Settings, trains: Callable[[], TrainSlack]) -> None:
         self.sender = sender
         self.trains = trains
         self.global_url = str(settings.slack_webhook_url) if settings.slack_webhook_url else None

@@ -25,6 +25,7 @@ from prompttrain.conversation.pricing import load_pricing, use_pricing
 from prompttrain.credential_sources import CredentialSource, open_credential_source
 from prompttrain.credentials import EMPTY_SNAPSHOT, CredentialSnapshot, OAuthAccount
 from prompttrain.notifications.observer import train_slack
+from prompttrain.notifications.sender import SlackSender
 from prompttrain.proxy import exchange_metrics, token_stats
 from prompttrain.proxy.accounts import CooldownTable, Resolution, authorise
 from prompttrain.proxy.client_setup import ClientSetupFiles, find_directory
@@ -83,6 +84,7 @@ class ProxyState:
     cooldowns: CooldownTable = field(default_factory=CooldownTable)
     accepting: bool = True
     upstream_proxy: str | None = None
+    slack: SlackSender | None = None  # sends the notifications the recording processes decide on
     _ready_checked_at: float = -1e9
     _database_ready: bool = False
 
@@ -204,12 +206,13 @@ async def start_state(settings: Settings) -> ProxyState:
     recorder: RecordingProcesses | None = None
     store: OAuthTokenStore | None = None
     credentials = open_credential_source(settings)  # CREDENTIALS_SOURCE: directory or kubernetes
+    slack = SlackSender.from_settings(settings)
     if settings.storage_enabled:
         if settings.should_migrate_on_start:
             await migrate(settings.database_url)
         engine = create_engine(settings.database_url)
         # Parsing, linking, pricing, usage metrics, Slack and telemetry all happen in the recording process.
-        recorder = RecordingProcesses(settings)
+        recorder = RecordingProcesses(settings, notices=slack)
         await recorder.start()
         key = load_or_create_key(settings.credentials_encryption_key, settings.data_dir)
         store = OAuthTokenStore(engine, TokenCipher(key))
@@ -228,7 +231,9 @@ async def start_state(settings: Settings) -> ProxyState:
         writer=recorder,
         credentials=credentials,
         upstream_proxy=outbound_proxy(settings.upstream_base),
+        slack=slack,
     )
+    slack.start()
     await credentials.start()
     await state.reload_credentials()
     log.info(
@@ -244,6 +249,9 @@ async def start_state(settings: Settings) -> ProxyState:
 async def stop_state(state: ProxyState) -> None:
     if state.writer is not None:
         await state.writer.stop(state.settings.writer_shutdown_seconds)
+    if state.slack is not None:
+        # After recording: its last observations may still send notifications.
+        await state.slack.stop(state.settings.slack_timeout_seconds)
     await state.credentials.close()
     await state.client.close()
     if state.engine is not None:

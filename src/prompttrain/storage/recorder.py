@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from prompttrain import metrics
 from prompttrain.credentials import SlackSettings
+from prompttrain.notifications.observer import NoticeSink
 from prompttrain.settings import Settings
 from prompttrain.storage import recorder_wire as wire
 from prompttrain.storage.records import ExchangeRecord
@@ -49,8 +50,14 @@ _RECORDER_FAMILIES = frozenset(family.name for metric in metrics.RECORDER_METRIC
 
 
 class Recorder:
-    def __init__(self, settings: Settings, trains: Mapping[str, SlackSettings | None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        trains: Mapping[str, SlackSettings | None] | None = None,
+        notices: NoticeSink | None = None,
+    ) -> None:
         self.settings = settings
+        self.notices = notices
         self.budget = settings.writer_payload_memory_bytes
         self._trains: dict[str, SlackSettings | None] = dict(trains or {})
         self._kept: OrderedDict[uuid.UUID, tuple[list[bytes], int]] = OrderedDict()
@@ -202,6 +209,9 @@ class Recorder:
                 future = self._replies.pop(token, None)
                 if future is not None and not future.done():
                     future.set_result(answer)
+            elif kind == wire.NOTICE:
+                if self.notices is not None:
+                    self.notices.offer(payload)
             elif kind == wire.STOPPED:
                 self._stopped.set()
 
@@ -283,11 +293,11 @@ class RecordingProcesses:
     replicas (storage/linking_store.py). The payload budget is shared out between them.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, notices: NoticeSink | None = None) -> None:
         count = settings.writer_processes
         budget = settings.writer_payload_memory_bytes // count
         share = settings.model_copy(update={"writer_payload_memory_bytes": budget})
-        self.recorders = [Recorder(share) for _ in range(count)]
+        self.recorders = [Recorder(share, notices=notices) for _ in range(count)]
         self._sessions: OrderedDict[str, Recorder] = OrderedDict()
 
     def _for(self, record: ExchangeRecord) -> Recorder:

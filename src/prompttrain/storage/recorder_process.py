@@ -27,7 +27,7 @@ from typing import IO, Any
 from prompttrain import metrics
 from prompttrain.conversation.pricing import load_pricing, use_pricing
 from prompttrain.notifications.observer import SlackObserver, TrainSlack
-from prompttrain.notifications.sender import SlackSender
+from prompttrain.notifications.sender import Notice
 from prompttrain.proxy import exchange_metrics
 from prompttrain.settings import Settings
 from prompttrain.storage import recorder_wire as wire
@@ -49,10 +49,11 @@ class RecordingService:
         self.out = out
         self.trains: TrainSlack = {}
         self.engine = create_engine(settings.database_url)
-        self.slack = SlackSender.from_settings(settings)
         endpoint = settings.telemetry_endpoint
         self.telemetry = TelemetrySender(str(endpoint)) if endpoint else None
-        observers: list[Observer] = [exchange_metrics.UsageMeter(), SlackObserver(self.slack, settings, self._trains)]
+        # Notifications go to the proxy, whose one Slack sender keeps each webhook's queue and rate whatever the
+        # number of recording processes.
+        observers: list[Observer] = [exchange_metrics.UsageMeter(), SlackObserver(self, settings, self._trains)]
         if self.telemetry is not None:
             observers.append(self.telemetry)
         self.spool_root = settings.data_dir / "spool"
@@ -84,13 +85,15 @@ class RecordingService:
         )
         self.writer.start()
         self._spawn(self._adopt_forever(spool))
-        self.slack.start()
         if self.telemetry is not None:
             self.telemetry.start()
 
     def _send(self, kind: str, payload: Any) -> None:
         if not self.out.is_closing():
             self.out.writelines(wire.encode(kind, payload))
+
+    def offer(self, notice: Notice) -> None:
+        self._send(wire.NOTICE, notice)
 
     def _done(self, request_ids: list[uuid.UUID]) -> None:
         self._send(wire.DONE, request_ids)
@@ -147,8 +150,6 @@ class RecordingService:
             task.cancel()
         if self.writer is not None:
             await self.writer.stop(timeout)
-        # After the writer: its last observations may still queue notifications.
-        await self.slack.stop(self.settings.slack_timeout_seconds)
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.engine.dispose()

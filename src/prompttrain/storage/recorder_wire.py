@@ -25,6 +25,7 @@ READY = "ready"  # started: spool claimed, writer running
 DONE = "done"  # [request ids]: stored (metadata in the database or spool; payload stored or shed)
 FLUSHED = "flushed"  # (token, everything stored)
 STOPPED = "stopped"
+NOTICE = "notice"  # a Slack notification for the proxy's one sender (one queue and one rate per webhook)
 
 
 def encode(kind: str, payload: Any) -> list[bytes]:
