@@ -540,11 +540,8 @@ async def throughput(
             checks = await check_links(engine, workload, batch)
         finally:
             await engine.dispose()
-    elapsed = None if rows_done is None else rows_done - start
     return {
-        "requests": len(batch),
-        "rows_seconds": elapsed,
-        "rows_per_second": None if elapsed is None else len(batch) / elapsed,
+        **rows_rate(len(batch), start, rows_done),
         "payloads_seconds": None if payloads_done is None else payloads_done - start,
         "payloads_shed": shed() - shed0,
         "process_cpu_seconds": cpu,
@@ -608,14 +605,21 @@ async def recorder_throughput(
             checks = await check_links(engine, workload, batch)
     finally:
         await engine.dispose()
-    elapsed = None if rows_done is None else rows_done - start
     return {
-        "requests": len(batch),
-        "rows_seconds": elapsed,
-        "rows_per_second": None if elapsed is None else len(batch) / elapsed,
+        **rows_rate(len(batch), start, rows_done),
         "confirmed_seconds": None if payloads_done is None else payloads_done - start,
         "submit_us": summary_us(submit_ns),
         "checks": checks,
+    }
+
+
+def rows_rate(requests: int, start: float, rows_done: float | None) -> dict[str, Any]:
+    """How long until every row was committed, and the rate that makes (None: not before the timeout)."""
+    elapsed = None if rows_done is None else rows_done - start
+    return {
+        "requests": requests,
+        "rows_seconds": elapsed,
+        "rows_per_second": None if elapsed is None else requests / elapsed,
     }
 
 

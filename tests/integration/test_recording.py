@@ -23,6 +23,7 @@ from tests.conftest import ProxyFactory
 from tests.helpers import (
     PROMPTTRAIN,
     FakeUpstream,
+    Service,
     TcpRelay,
     load_payload,
     metric,
@@ -180,14 +181,21 @@ def test_a_client_that_hangs_up_before_a_slow_answer_is_recorded_at_once(
     assert row["outcome"] == "client_disconnected" and row["status_code"] is None
 
 
-def test_spooled_records_survive_kill_9_and_are_replayed(
-    start_proxy: ProxyFactory, upstream: FakeUpstream, postgres_url: str, relay: TcpRelay
-) -> None:
+def twenty_spooled(start_proxy: ProxyFactory, postgres_url: str, relay: TcpRelay) -> Service:
+    """A proxy whose database is cut, after twenty requests: their metadata is in the spool, their bodies in the
+    recording processes' memory (the proxy still keeps all twenty exchanges, unconfirmed)."""
     proxy = start_proxy(through(relay, postgres_url))
     relay.cut()
     for _ in range(20):
         assert post(proxy.url).status_code == 200
     wait_until(lambda: metric(proxy.url, "prompttrain_records_spooled_total") == 20, timeout=10)
+    return proxy
+
+
+def test_spooled_records_survive_kill_9_and_are_replayed(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, postgres_url: str, relay: TcpRelay
+) -> None:
+    proxy = twenty_spooled(start_proxy, postgres_url, relay)
     proxy.process.kill()
     proxy.process.wait()
     assert query(postgres_url, "SELECT count(*) AS n FROM api_requests")[0]["n"] == 0
@@ -207,13 +215,7 @@ def children(pid: int) -> list[int]:
 def test_a_killed_recorder_is_replaced_and_gets_every_unconfirmed_request_again(
     start_proxy: ProxyFactory, upstream: FakeUpstream, postgres_url: str, relay: TcpRelay
 ) -> None:
-    proxy = start_proxy(through(relay, postgres_url))
-    relay.cut()
-    for _ in range(20):
-        assert post(proxy.url).status_code == 200
-    # Metadata went to the recorder's spool; the bodies wait in its memory for the database, so the proxy still
-    # keeps all twenty exchanges.
-    wait_until(lambda: metric(proxy.url, "prompttrain_records_spooled_total") == 20, timeout=10)
+    proxy = twenty_spooled(start_proxy, postgres_url, relay)
     assert metric(proxy.url, "prompttrain_recorder_unconfirmed_bytes") > 0
     first = children(proxy.process.pid)  # the recording processes (WRITER_PROCESSES, 2)
     assert len(first) == 2
