@@ -50,16 +50,11 @@ _RECORDER_FAMILIES = frozenset(family.name for metric in metrics.RECORDER_METRIC
 
 
 class Recorder:
-    def __init__(
-        self,
-        settings: Settings,
-        trains: Mapping[str, SlackSettings | None] | None = None,
-        notices: NoticeSink | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, notices: NoticeSink | None = None) -> None:
         self.settings = settings
         self.notices = notices
         self.budget = settings.writer_payload_memory_bytes
-        self._trains: dict[str, SlackSettings | None] = dict(trains or {})
+        self._trains: dict[str, SlackSettings | None] = {}  # sent to every new recording process
         self._kept: OrderedDict[uuid.UUID, tuple[list[bytes], int]] = OrderedDict()
         self._kept_bytes = 0
         # Frames not yet handed to the socket, in order. A sender task hands them over while the socket keeps up,

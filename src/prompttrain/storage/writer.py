@@ -84,7 +84,7 @@ class RequestWriter:
         # Called with every exchange once its rows are built (metrics, notifications); never on the request path.
         self.observers = list(observers)
         self.on_done = on_done
-        # In a process of its own (the recorder) the writer converts on its event loop, a few records at a time:
+        # In a process of its own (a recording process) the writer converts on its event loop, one record at a time:
         # a worker thread would only contend with the loop for the GIL. Next to a request path it uses a thread.
         self.convert_in_thread = convert_in_thread
         # Exchanges converted but not yet done, per lane (only tracked when someone listens: `on_done`).
