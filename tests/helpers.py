@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,17 @@ def write_json(path: Path, document: Any) -> None:
     os.replace(temporary, path)
 
 
+def run_async(factory: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine to completion in a worker thread: works whether or not this thread runs an event loop
+    (Playwright's sync API runs one in the test's thread)."""
+
+    async def main() -> Any:
+        return await factory()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
 def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
     async def run() -> list[dict[str, Any]]:
         engine = create_engine(normalise_database_url(database_url), pool_size=1)
@@ -134,7 +146,7 @@ def query(database_url: str, sql: str, **params: Any) -> list[dict[str, Any]]:
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    return run_async(run)
 
 
 def execute(database_url: str, sql: str, **params: Any) -> None:
@@ -148,7 +160,7 @@ def execute(database_url: str, sql: str, **params: Any) -> None:
         finally:
             await engine.dispose()
 
-    asyncio.run(run())
+    run_async(run)
 
 
 def load_payload(database_url: str, request_id: Any) -> Any:
@@ -164,7 +176,7 @@ def load_payload(database_url: str, request_id: Any) -> Any:
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    return run_async(run)
 
 
 def wait_for_payload(database_url: str, request_id: Any, timeout: float = 10.0) -> Any:

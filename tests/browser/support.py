@@ -3,10 +3,8 @@ the tables (for data the proxy cannot produce yet, such as linked conversations)
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from prompttrain.storage.engine import create_engine
 from prompttrain.storage.migrate import migrate
 from prompttrain.storage.tables import api_requests, request_payloads
 from prompttrain.storage.writer import NOTIFY_CHANNEL
-from tests.helpers import REPO, Service, free_port
+from tests.helpers import REPO, Service, free_port, run_async
 
 DASHBOARD_KEY = "test-dashboard-key-0123456789"
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
@@ -41,17 +39,6 @@ def start_dashboard(tmp_path: Path, database_url: str, credentials_dir: Path | N
         "dashboard", ["dashboard", "--host", "127.0.0.1", "--port", str(port)], environment, port, tmp_path
     )
     return service.wait_ready("/health")
-
-
-def run_async(factory: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a coroutine to completion in a worker thread: works whether or not this thread runs an event loop
-    (Playwright's sync API runs one in the test's thread)."""
-
-    async def main() -> Any:
-        return await factory()
-
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, main()).result()
 
 
 def migrate_database(database_url: str) -> None:
@@ -166,20 +153,6 @@ def conversation_rows(conversation_id: uuid.UUID, start: datetime | None = None)
         row(3, branch_id="subtask_1", is_subtask=True, parent_task_request_id=ids[1], parent_request_id=ids[2]),
         row(4, parent_request_id=ids[1], message_count=5),
     ]
-
-
-def execute_sql(database_url: str, sql: str, **params: Any) -> None:
-    """Run one statement and commit it."""
-
-    async def run() -> None:
-        engine = create_engine(normalise_database_url(database_url), pool_size=1)
-        try:
-            async with engine.begin() as connection:
-                await connection.execute(sa.text(sql), params)
-        finally:
-            await engine.dispose()
-
-    run_async(run)
 
 
 def create_database(admin_url: str, created: list[str]) -> str:

@@ -14,8 +14,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.browser.support import DASHBOARD_KEY, execute_sql, insert, migrate_database, request_row, start_dashboard
-from tests.helpers import FakeUpstream, Service
+from tests.browser.support import DASHBOARD_KEY, insert, migrate_database, request_row, start_dashboard
+from tests.helpers import FakeUpstream, Service, execute
 
 KEY = {"X-Dashboard-Key": DASHBOARD_KEY}
 LIVE_SECONDS = 2.0
@@ -105,7 +105,7 @@ def test_requests_through_two_proxies_reach_two_dashboards_live(
                 assert event["requests"][0]["train"] == "default"
 
         # The LISTEN connection drops (a database restart, a failover): streams get `resync`, then keep working.
-        execute_sql(
+        execute(
             postgres_url,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE application_name = 'prompttrain-dashboard-listen' AND datname = current_database()",
@@ -114,7 +114,7 @@ def test_requests_through_two_proxies_reach_two_dashboards_live(
             reader.next("resync", 10)
         row = request_row()
         insert(postgres_url, [row])
-        execute_sql(
+        execute(
             postgres_url,
             "SELECT pg_notify('prompttrain_requests', :payload)",
             payload=orjson.dumps(
