@@ -28,6 +28,27 @@ PROMPTTRAIN = str(Path(sys.executable).with_name("prompttrain"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+CLAUDE_CODE_SESSION = REPO / "tests" / "fixtures" / "claude_code" / "session_subagent_continue_resume_compact.json"
+
+
+def claude_code_exchanges() -> list[dict[str, Any]]:
+    """The captured Claude Code session (sub-agent, --continue, --resume, /compact): each exchange's name, command,
+    headers, request body (its shared system blocks and tools restored) and scripted reply, in order."""
+    document = orjson.loads(CLAUDE_CODE_SESSION.read_bytes())
+    shared: dict[str, Any] = document["shared"]
+
+    def restore(items: Any) -> Any:
+        if not isinstance(items, list):
+            return items
+        return [shared[item["$shared"]] if isinstance(item, dict) and "$shared" in item else item for item in items]
+
+    exchanges: list[dict[str, Any]] = document["exchanges"]
+    for exchange in exchanges:
+        body = exchange["body"]
+        body["system"], body["tools"] = restore(body.get("system")), restore(body.get("tools"))
+    return exchanges
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -46,7 +46,7 @@ import orjson
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.helpers import REPO, FakeUpstream, Service, wait_for_rows
+from tests.helpers import CLAUDE_CODE_SESSION, FakeUpstream, Service, claude_code_exchanges, wait_for_rows
 from tests.integration.test_claude_code import (  # noqa: F401 - claude_cli is a fixture
     API_KEY,
     MODEL,
@@ -55,7 +55,7 @@ from tests.integration.test_claude_code import (  # noqa: F401 - claude_cli is a
     run_claude,
 )
 
-FIXTURE = REPO / "tests" / "fixtures" / "claude_code" / "session_subagent_continue_resume_compact.json"
+FIXTURE = CLAUDE_CODE_SESSION
 CAPTURE_ENV = "PROMPTTRAIN_CAPTURE_FIXTURES"
 COLUMNS = (
     "request_id, timestamp, upstream_request_id, session_id, conversation_id, branch_id, parent_request_id,"
@@ -440,26 +440,10 @@ def write_fixture(
     FIXTURE.write_text(text + "\n")
 
 
-def load_fixture() -> list[dict[str, Any]]:
-    document = json.loads(FIXTURE.read_text())
-    shared: dict[str, Any] = document["shared"]
-
-    def restore(items: Any) -> Any:
-        if not isinstance(items, list):
-            return items
-        return [shared[item["$shared"]] if isinstance(item, dict) and "$shared" in item else item for item in items]
-
-    exchanges: list[dict[str, Any]] = document["exchanges"]
-    for exchange in exchanges:
-        body = exchange["body"]
-        body["system"], body["tools"] = restore(body.get("system")), restore(body.get("tools"))
-    return exchanges
-
-
 def test_the_captured_claude_code_session_replays_into_the_same_links(
     start_proxy: ProxyFactory, upstream: FakeUpstream, database_url: str
 ) -> None:
-    exchanges = load_fixture()
+    exchanges = claude_code_exchanges()
     assert tuple(exchange["name"] for exchange in exchanges) == NAMES
     proxy = start_proxy(database_url)
     # Sent one after the other, each reply queued in order: the n-th request gets the n-th reply.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,28 +12,12 @@ from prompttrain.conversation.hashing import SeenBefore
 from prompttrain.conversation.linking import facts_of
 from prompttrain.storage.content import split_body
 from prompttrain.storage.records import addresses_of
-
-FIXTURE = (
-    Path(__file__).resolve().parents[1] / "fixtures" / "claude_code" / "session_subagent_continue_resume_compact.json"
-)
+from tests.helpers import claude_code_exchanges
 
 
 def session_bodies() -> list[dict[str, Any]]:
     """Claude Code 2.1.197's own requests: sub-agent, --continue, --resume and /compact."""
-    document = json.loads(FIXTURE.read_text())
-    shared = document["shared"]
-
-    def restore(items: Any) -> Any:
-        if not isinstance(items, list):
-            return items
-        return [shared[item["$shared"]] if isinstance(item, dict) and "$shared" in item else item for item in items]
-
-    bodies = []
-    for exchange in document["exchanges"]:
-        body = exchange["body"]
-        body["system"], body["tools"] = restore(body.get("system")), restore(body.get("tools"))
-        bodies.append(body)
-    return bodies
+    return [exchange["body"] for exchange in claude_code_exchanges()]
 
 
 def facts_with_addresses(body: dict[str, Any]) -> Any:

@@ -21,7 +21,7 @@ Pure functions: no I/O.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,23 @@ def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozens
     # byte for byte, `join_body` (which reassembles the same pieces) does too.
     if orjson.dumps(body) != raw:
         return None
+    return split_parsed(body, known)
+
+
+def split_parsed(
+    body: dict[str, Any],
+    known: Container[bytes] = frozenset(),
+    message_refs: bytes | None = None,
+    message_text: Callable[[int], str] | None = None,
+    kept_refs: Mapping[str, bytes | None] | None = None,
+    template: str | None = None,
+) -> SplitBody:
+    """Split a parsed body known to round-trip (what `split_body` checks), reusing what the caller already has.
+
+    `message_refs` are the messages' digests when known, with `message_text(index)` giving a message's JSON as sent
+    (asked only for digests not in `known`). `kept_refs` are the references of `system`/`tools` when known, and
+    `template` the template when known (from an earlier body with the same values).
+    """
     blobs: dict[bytes, str] = {}
 
     def address(value: Any) -> bytes:
@@ -78,19 +95,46 @@ def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozens
             blobs[digest] = orjson.dumps(value).decode("utf-8")
         return digest
 
-    template = dict(body)
+    messages = body["messages"]
+    if message_refs is None or message_text is None:
+        message_refs = b"".join(address(item) for item in messages)
+    else:
+        for index in range(len(messages)):
+            digest = message_refs[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
+            if digest not in known and digest not in blobs:
+                blobs[digest] = message_text(index)
+    kept_refs = kept_refs or {}
+    shape = dict(body)
+    shape["messages"] = []
     refs: dict[str, bytes | None] = {}
-    for key in ("messages", *ADDRESSED_KEYS):
+    for key in ADDRESSED_KEYS:
         value = body.get(key)
         if key not in body:
             refs[key] = None
-        elif isinstance(value, list):
-            refs[key] = b"".join(address(item) for item in value)
-            template[key] = []
+            continue
+        values = value if isinstance(value, list) else [value]
+        shape[key] = [] if isinstance(value, list) else None
+        if key in kept_refs:
+            refs[key] = kept_refs[key]
+            for item, digest in zip(values, digests(kept_refs[key]), strict=False):
+                if digest not in known and digest not in blobs:
+                    blobs[digest] = orjson.dumps(item).decode("utf-8")
         else:
-            refs[key] = address(value)
-            template[key] = None
-    message_refs = refs["messages"] or b""
+            refs[key] = b"".join(address(item) for item in values)
+    if template is None:
+        template = orjson.dumps(shape).decode("utf-8")
+    return assemble(template, refs["system"], refs["tools"], message_refs, blobs, known)
+
+
+def assemble(
+    template: str,
+    system_refs: bytes | None,
+    tools_refs: bytes | None,
+    message_refs: bytes,
+    blobs: dict[bytes, str],
+    known: Container[bytes] = frozenset(),
+) -> SplitBody:
+    """The split body of addressed pieces: the message digests are grouped into chunks (new chunks join `blobs`)."""
     full = len(message_refs) // (DIGEST_SIZE * CHUNK_DIGESTS) * DIGEST_SIZE * CHUNK_DIGESTS
     chunks = []
     for start in range(0, full, DIGEST_SIZE * CHUNK_DIGESTS):
@@ -100,9 +144,9 @@ def split_body(raw: bytes, parsed: Any = None, known: Container[bytes] = frozens
             blobs[digest] = run.hex()
         chunks.append(digest)
     return SplitBody(
-        template=orjson.dumps(template).decode("utf-8"),
-        system_refs=refs["system"],
-        tools_refs=refs["tools"],
+        template=template,
+        system_refs=system_refs,
+        tools_refs=tools_refs,
         message_chunks=b"".join(chunks),
         message_refs=message_refs[full:],
         blobs=blobs,

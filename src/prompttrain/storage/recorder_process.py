@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 READ_BUFFER_BYTES = 4 << 20
 ADOPT_SECONDS = 5.0  # how often to look for spools left by recorders that have ended
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young-generation collections (the default is 700)
 
 
 class RecordingService:
@@ -187,6 +189,10 @@ async def serve(fd: int) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # Parsing a 200 KB body allocates thousands of objects that live until the record is stored: with the default
+    # threshold (700) the collector ran several young-generation passes per record over them, a quarter of the
+    # conversion time. Reference cycles are rare here; they are still collected, less often.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     from prompttrain.cli import run_event_loop

@@ -150,16 +150,24 @@ class BuiltRows:
 
 
 def build_rows(
-    record: ExchangeRecord, *, keep_payload: bool = True, known_blobs: Container[bytes] = frozenset()
+    record: ExchangeRecord,
+    *,
+    keep_payload: bool = True,
+    known_blobs: Container[bytes] = frozenset(),
+    split: SplitBody | None = None,
 ) -> BuiltRows:
-    """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange."""
+    """The `api_requests` row and, unless shed, the `request_payloads` row of a captured exchange.
+
+    `split` is the request body's `split_body` when the caller already has it (`storage/recent_bodies.py`).
+    """
     row, message = _metadata_row(record)
     if record.payload_shed or not keep_payload:
-        row.update(conversation_columns(record.parsed_body, message))
+        row.update(conversation_columns(record.parsed_body, message, addresses_of(record.parsed_body, split)))
         row["payload_shed"] = record.payload_shed
         return BuiltRows(row, None, message)
     body = record.request_body
-    split = split_body(body, record.parsed_body, known_blobs) if body else None
+    if split is None and body:
+        split = split_body(body, record.parsed_body, known_blobs)
     # The content digests just computed spare linking the normalisation of messages it has seen before.
     row.update(conversation_columns(record.parsed_body, message, addresses_of(record.parsed_body, split)))
     return BuiltRows(row, payload_row(record, message, known_blobs, split), message)

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from prompttrain import metrics
 from prompttrain.storage.linking_store import insert_linked
 from prompttrain.storage.partitions import ensure_partitions
+from prompttrain.storage.recent_bodies import RecentBodies
 from prompttrain.storage.records import BuiltRows, ExchangeRecord, PayloadRow, build_rows
 from prompttrain.storage.spool import Spool
 from prompttrain.storage.tables import api_requests, content_blobs, request_payloads
@@ -102,6 +103,8 @@ class RequestWriter:
         # their `last_seen` is current. Cleared when the UTC day changes, so every blob is touched once a day.
         self._known_blobs: OrderedDict[bytes, None] = OrderedDict()
         self._known_day: date | None = None
+        # The last bodies of each session, so that a resent conversation is parsed and hashed only where it changed.
+        self._bodies = RecentBodies()
         self._tasks: list[asyncio.Task[None]] = []
         self._busy = 0  # records the converter and lanes hold outside the deques right now
         self._database_down = False
@@ -244,10 +247,12 @@ class RequestWriter:
 
     async def _convert_batch(self, batch: list[ExchangeRecord]) -> list[BuiltRows]:
         if self.convert_in_thread:
-            return await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs)
+            return await asyncio.to_thread(_convert, batch, self.store_payloads, self._known_blobs, self._bodies)
         converted: list[BuiltRows] = []
         for start in range(0, len(batch), CONVERT_SLICE):
-            converted.extend(_convert(batch[start : start + CONVERT_SLICE], self.store_payloads, self._known_blobs))
+            converted.extend(
+                _convert(batch[start : start + CONVERT_SLICE], self.store_payloads, self._known_blobs, self._bodies)
+            )
             await asyncio.sleep(0)  # let the lanes and the socket move between slices
         return converted
 
@@ -492,12 +497,15 @@ def _insert(connection: AsyncConnection, table: sa.Table) -> Any:
     return statement
 
 
-def _convert(batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes]) -> list[BuiltRows]:
+def _convert(
+    batch: Sequence[ExchangeRecord], store_payloads: bool, known_blobs: Container[bytes], bodies: RecentBodies
+) -> list[BuiltRows]:
     converted = []
     for record in batch:
-        record.request_json()  # parsed here when it came from the proxy's process without its parsed body
         try:
-            converted.append(build_rows(record, keep_payload=store_payloads, known_blobs=known_blobs))
+            # Parses the body when it came from the proxy's process without its parsed body.
+            split = bodies.read(record, known_blobs)
+            converted.append(build_rows(record, keep_payload=store_payloads, known_blobs=known_blobs, split=split))
         except Exception:  # a parsing bug must not lose the usage record
             log.exception("could not parse request %s; storing it without its response", record.request_id)
             record.chunks = []
