@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from prompttrain.conversation.linking import (
@@ -14,6 +16,7 @@ from prompttrain.conversation.linking import (
     Link,
     LinkFacts,
     ParentRow,
+    TaskCall,
     TaskMatch,
     compact_summary_of,
     extract_summary,
@@ -247,3 +250,21 @@ def test_summary_extraction(text: str, expected: str | None) -> None:
 
 def test_legacy_summary_form_matches() -> None:
     assert summary_matches("<analysis>\nthe plan</analysis>\n\n<summary>done", "zzz", "<analysis>\nthe plan")
+
+
+def test_facts_travel_as_json_whole_and_come_back_equal() -> None:
+    facts = LinkFacts(
+        current_hash="c",
+        parent_hash="p",
+        grandparent_hash=None,
+        system_hash="s",
+        message_count=3,
+        conversation_length=3,
+        is_summarization=True,
+        subtask_prompt_digest="d",
+        compact_probe="probe",
+        compact_legacy="legacy",
+        task_calls=(TaskCall("toolu_1", "digest-1"), TaskCall("toolu_2", "digest-2")),
+    )
+    assert facts.to_json() == dataclasses.asdict(facts)
+    assert LinkFacts.from_json(orjson.loads(orjson.dumps(facts.to_json()))) == facts

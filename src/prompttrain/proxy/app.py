@@ -42,7 +42,7 @@ from prompttrain.proxy.forwarding import (
     ErrorResponse,
     UpstreamCall,
     UpstreamResponse,
-    create_upstream_session,
+    create_upstream_pool,
     open_upstream,
     outbound_proxy,
 )
@@ -60,6 +60,7 @@ from prompttrain.proxy.headers import (
     recorded_request_headers,
 )
 from prompttrain.proxy.oauth import OAuthManager
+from prompttrain.proxy.upstream import UpstreamPool
 from prompttrain.settings import Settings
 from prompttrain.storage.engine import create_engine, database_is_ready
 from prompttrain.storage.migrate import migrate
@@ -75,7 +76,8 @@ READINESS_CACHE_SECONDS = 1.0
 @dataclass
 class ProxyState:
     settings: Settings
-    client: aiohttp.ClientSession
+    client: aiohttp.ClientSession  # for the OAuth token endpoint
+    upstream: UpstreamPool  # for forwarded requests
     oauth: OAuthManager
     engine: AsyncEngine | None
     writer: RecordingProcesses | None  # the recording processes' proxy-side ends (None: STORAGE_ENABLED=false)
@@ -201,7 +203,10 @@ async def start_state(settings: Settings) -> ProxyState:
     # Metric labels and prices are process-wide: set them first (the recording process sets its own).
     exchange_metrics.configure(settings.metrics_model_label)
     use_pricing(await asyncio.to_thread(load_pricing, settings.pricing_file))
-    client = create_upstream_session(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
+    client = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, connect=settings.upstream_connect_timeout_seconds),
+    )
+    upstream = create_upstream_pool(settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
     engine: AsyncEngine | None = None
     recorder: RecordingProcesses | None = None
     store: OAuthTokenStore | None = None
@@ -226,6 +231,7 @@ async def start_state(settings: Settings) -> ProxyState:
     state = ProxyState(
         settings=settings,
         client=client,
+        upstream=upstream,
         oauth=oauth,
         engine=engine,
         writer=recorder,
@@ -254,6 +260,7 @@ async def stop_state(state: ProxyState) -> None:
         await state.slack.stop(state.settings.slack_timeout_seconds)
     await state.credentials.close()
     await state.client.close()
+    await state.upstream.close()
     if state.engine is not None:
         await state.engine.dispose()
 
@@ -378,7 +385,7 @@ async def forward(request: Request) -> Response:
         return error_response(error, record, state)
     watch = DisconnectWatch(request.receive)
     try:
-        upstream = await open_upstream(state.client, call, record)
+        upstream = await open_upstream(state.upstream, call, record)
     except asyncio.CancelledError:
         watch.stop()
         if watch.claim():
@@ -388,7 +395,7 @@ async def forward(request: Request) -> Response:
         watch.stop()
         return error_response(error, record, state)
     if upstream.status == 429 and resolution.account is not None:
-        state.cooldowns.start(resolution.account.name, upstream.headers.get("retry-after"))
+        state.cooldowns.start(resolution.account.name, upstream.header("retry-after") or None)
         metrics.ACCOUNT_COOLDOWNS.labels(resolution.account.name).inc()
     return UpstreamResponse(upstream, record, state.writer, watch)
 

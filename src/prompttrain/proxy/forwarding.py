@@ -5,9 +5,8 @@ read from the upstream is written to the client before the next is read. The cop
 goes to the recording process, which parses it off the request path. Only connection failures before any
 response byte are retried, at most twice (Claude Code retries 429/529 itself; retrying those too would multiply).
 
-The upstream client is aiohttp rather than httpx: measured on the proxy benchmark, httpx's connection pool cost
-more CPU per request than all of the proxy's own work at concurrency 32, and aiohttp (already a dependency of the
-operator's kopf) relays raw bytes without decoding them (`auto_decompress=False`).
+The upstream client is the proxy's own (`proxy/upstream.py`): on the proxy benchmark, aiohttp's client cost a third
+of the proxy's CPU per request and httpx's more.
 """
 
 from __future__ import annotations
@@ -19,24 +18,28 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-import aiohttp
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from prompttrain.proxy import exchange_metrics
 from prompttrain.proxy.errors import ProxyError, UpstreamTimeoutError, UpstreamUnreachableError
 from prompttrain.proxy.headers import HOP_BY_HOP, connection_tokens, recorded_response_headers
+from prompttrain.proxy.upstream import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamConnectTimeoutError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamReadTimeoutError,
+    UpstreamReply,
+)
 from prompttrain.storage.records import ExchangeRecord, Outcome, RecordSink
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECT_RETRIES = 2
-# Before any response byte: the request never reached a server that answered, so sending it again is safe.
-RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 REQUEST_ID_HEADER = b"x-prompttrain-request-id"
 OVERHEAD_HEADER = b"x-prompttrain-overhead-ms"
-# aiohttp adds these unless told not to; the proxy sends only what the client sent (plus the account's auth).
-NO_DEFAULT_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 @dataclass
@@ -48,15 +51,9 @@ class UpstreamCall:
     proxy: str | None = None
 
 
-def create_upstream_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    # trust_env stays off: aiohttp would then read ~/.netrc and the proxy variables on every request. The
-    # outbound proxy (HTTPS_PROXY / NO_PROXY) is resolved once instead, by `outbound_proxy`.
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout),
-        auto_decompress=False,
-        skip_auto_headers=NO_DEFAULT_HEADERS,
-    )
+def create_upstream_pool(connect_timeout: float, read_timeout: float) -> UpstreamPool:
+    # The outbound proxy (HTTPS_PROXY / NO_PROXY) is resolved once, by `outbound_proxy`, not on every request.
+    return UpstreamPool(connect_timeout, read_timeout)
 
 
 def outbound_proxy(url: str) -> str | None:
@@ -67,40 +64,32 @@ def outbound_proxy(url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
-async def open_upstream(
-    session: aiohttp.ClientSession, call: UpstreamCall, record: ExchangeRecord
-) -> aiohttp.ClientResponse:
+async def open_upstream(pool: UpstreamPool, call: UpstreamCall, record: ExchangeRecord) -> UpstreamReply:
     """Send the request and return once the upstream's status and headers arrived (body still unread)."""
     for attempt in range(MAX_CONNECT_RETRIES + 1):
         record.upstream_sent = time.perf_counter()
         try:
-            response = await session.request(
-                call.method,
-                call.url,
-                headers=call.headers,
-                data=call.body or None,
-                allow_redirects=False,
-                proxy=call.proxy,
-            )
-        except aiohttp.ConnectionTimeoutError:
+            reply = await pool.request(call.method, call.url, call.headers, call.body, call.proxy)
+        except UpstreamConnectTimeoutError:
             if attempt < MAX_CONNECT_RETRIES:
                 continue
             raise UpstreamTimeoutError("the upstream did not accept the connection in time") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except UpstreamReadTimeoutError:
             raise UpstreamTimeoutError("the upstream did not answer in time") from None
-        except RETRYABLE as error:
+        except UpstreamConnectError as error:
+            # Before any response byte: the request never reached a server that answered, so sending it again is safe.
             if attempt < MAX_CONNECT_RETRIES:
-                log.info("upstream connection failed (%s); retrying", type(error).__name__)
+                log.info("upstream connection failed (%s); retrying", error)
                 continue
-            raise UpstreamUnreachableError(f"the upstream is unreachable ({type(error).__name__})") from None
-        except aiohttp.ClientError as error:
-            raise UpstreamUnreachableError(f"the upstream request failed ({type(error).__name__})") from None
+            raise UpstreamUnreachableError(f"the upstream is unreachable ({error})") from None
+        except UpstreamError as error:
+            raise UpstreamUnreachableError(f"the upstream request failed ({error})") from None
         record.upstream_headers = time.perf_counter()
-        return response
+        return reply
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
 
 
-def response_header_list(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+def response_header_list(response: UpstreamReply) -> list[tuple[bytes, bytes]]:
     raw = response.raw_headers
     dropped = HOP_BY_HOP | connection_tokens((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw)
     return [(name.lower(), value) for name, value in raw if name.decode("latin-1").lower() not in dropped]
@@ -147,7 +136,7 @@ class UpstreamResponse(Response):
 
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamReply,
         record: ExchangeRecord,
         writer: RecordSink | None,
         watch: DisconnectWatch,
@@ -164,8 +153,8 @@ class UpstreamResponse(Response):
         record.response_headers = recorded_response_headers(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in self.upstream_headers
         )
-        record.content_type = upstream.headers.get("content-type", "")
-        record.content_encoding = upstream.headers.get("content-encoding", "")
+        record.content_type = upstream.header("content-type")
+        record.content_encoding = upstream.header("content-encoding")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = self.record
@@ -200,15 +189,15 @@ class UpstreamResponse(Response):
         await send({"type": "http.response.start", "status": self.upstream.status, "headers": headers})
         chunks = record.chunks
         try:
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in self.upstream.chunks():
                 chunks.append((time.perf_counter(), chunk))
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except UpstreamReadTimeoutError:
             record.outcome, record.error_type = Outcome.TIMEOUT, "timeout_error"
             record.error_message = "the upstream went silent for longer than the read timeout"
-        except aiohttp.ClientError as error:
+        except UpstreamBrokenError as error:
             record.outcome, record.error_type = Outcome.STREAM_ERROR, "upstream_connection_lost"
-            record.error_message = f"the upstream connection broke mid-response ({type(error).__name__})"
+            record.error_message = f"the upstream connection broke mid-response ({error})"
         if record.error_type is not None:
             # Relay the break as a break: ending the body cleanly would tell the client the answer was whole.
             # Returning without the final body message makes the server close the connection mid-body.

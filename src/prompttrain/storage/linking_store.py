@@ -318,9 +318,7 @@ class BatchHistory:
 
     def _add_candidate(self, candidate: Candidate) -> None:
         key = f"{candidate.train_id}\\0{candidate.parent.current_message_hash}"
-        group = self.candidates.setdefault(key, [])
-        group.append(candidate)
-        group.sort(key=lambda c: c.timestamp, reverse=True)
+        self.candidates.setdefault(key, []).append(candidate)  # `find_parent` picks among them whatever the order
 
     def _add_task(self, call: Any) -> None:
         key = f"{call['train_id']}\\0{call['prompt_digest']}"
