@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # On shutdown, how long to keep writing what is queued (then metadata goes to the spool).
     writer_shutdown_seconds: float = Field(default=30.0, ge=0)
     # The recording process's CPU priority (nice, 0-19): the request path comes first; recording catches up.
-    writer_nice: int = Field(default=10, ge=0, le=19)
+    writer_nice: int = Field(default=19, ge=0, le=19)
     # Recording processes; each Claude Code session's exchanges go to one of them.
     writer_processes: int = Field(default=2, ge=1, le=16)
     spool_max_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)

@@ -31,7 +31,7 @@ import orjson
 from prompttrain.storage.content import DIGEST_SIZE, SplitBody, digest_of, split_body, split_parsed
 from prompttrain.storage.records import ExchangeRecord
 
-MEMORY_BYTES = 16 << 20  # raw bytes; their parsed values take about as much again
+MEMORY_BYTES = 12 << 20  # of raw JSON; with their parsed values about four times as much in memory
 BODIES_PER_SESSION = 4  # the main thread and the sub-agents a session runs at once
 MESSAGES_OPEN = b'"messages":['
 
