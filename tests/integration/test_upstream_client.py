@@ -33,7 +33,6 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 class Server:
     def __init__(self) -> None:
         self.connections = 0
-        self.requests: list[bytes] = []
         self.port = 0
 
 
@@ -67,30 +66,30 @@ async def serve(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIte
         await listening.wait_closed()
 
 
-async def read_request(reader: asyncio.StreamReader, server: Server | None = None) -> bytes:
+async def read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":", 1)[1])
     body = await reader.readexactly(length) if length else b""
-    if server is not None:
-        server.requests.append(head + body)
     return head + body
 
 
-def answering(server_ref: list[Server], *replies: bytes) -> Handler:
-    """Answer each request on a connection with the next reply (the last one repeats)."""
+class Answering:
+    """A handler that answers each request on a connection with the next reply (the last one repeats)."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, *replies: bytes) -> None:
+        self.replies = replies
+        self.requests: list[bytes] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index = 0
         while True:
-            await read_request(reader, server_ref[0])
-            writer.write(replies[min(index, len(replies) - 1)])
+            self.requests.append(await read_request(reader))
+            writer.write(self.replies[min(index, len(self.replies) - 1)])
             await writer.drain()
             index += 1
-
-    return handler
 
 
 async def body_of(reply: UpstreamReply) -> bytes:
@@ -98,6 +97,15 @@ async def body_of(reply: UpstreamReply) -> bytes:
 
 
 OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
+
+
+async def connections_for_two_requests(handler: Handler, expected: bytes, method: str = "GET") -> int:
+    async with serve(handler) as server, pool() as client:
+        for _ in range(2):
+            reply = await client.request(method, f"http://127.0.0.1:{server.port}/", [], b"")
+            assert await asyncio.wait_for(body_of(reply), 2) == expected
+            reply.close()
+        return server.connections
 
 
 @contextlib.asynccontextmanager
@@ -111,9 +119,8 @@ async def pool(read_timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> 
 
 
 async def test_a_kept_alive_connection_carries_the_next_request_and_the_request_is_sent_as_given() -> None:
-    ref: list[Server] = []
-    async with serve(answering(ref, OK)) as server, pool() as client:
-        ref.append(server)
+    upstream = Answering(OK)
+    async with serve(upstream) as server, pool() as client:
         for body in (b'{"a":1}', b'{"b":2}'):
             url = f"http://127.0.0.1:{server.port}/v1/messages?beta=true"
             reply = await client.request("POST", url, [("x-api-key", "k"), ("content-type", "application/json")], body)
@@ -124,7 +131,7 @@ async def test_a_kept_alive_connection_carries_the_next_request_and_the_request_
             )
             reply.close()
     assert server.connections == 1
-    assert server.requests[0] == (
+    assert upstream.requests[0] == (
         b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: 127.0.0.1:%d\r\nx-api-key: k\r\n"
         b'content-type: application/json\r\ncontent-length: 7\r\n\r\n{"a":1}' % server.port
     )
@@ -135,14 +142,7 @@ async def test_chunked_and_close_delimited_bodies_arrive_whole_and_only_the_chun
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
         b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
     )
-    ref: list[Server] = []
-    async with serve(answering(ref, chunked)) as server, pool() as client:
-        ref.append(server)
-        for _ in range(2):
-            reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
-            assert await body_of(reply) == b"hello, world"
-            reply.close()
-        assert server.connections == 1
+    assert await connections_for_two_requests(Answering(chunked), b"hello, world") == 1
 
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -152,38 +152,19 @@ async def test_chunked_and_close_delimited_bodies_arrive_whole_and_only_the_chun
         await writer.drain()
         writer.close()
 
-    async with serve(until_close) as server, pool() as client:
-        for _ in range(2):
-            reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
-            assert await body_of(reply) == b"no length, ends with the connection"
-            reply.close()
-        assert server.connections == 2
+    assert await connections_for_two_requests(until_close, b"no length, ends with the connection") == 2
 
 
 async def test_connection_close_and_head_answers_are_not_reused() -> None:
     closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
-    ref: list[Server] = []
-    async with serve(answering(ref, closing)) as server, pool() as client:
-        ref.append(server)
-        for _ in range(2):
-            reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
-            assert await body_of(reply) == b"ok"
-            reply.close()
-        assert server.connections == 2
+    assert await connections_for_two_requests(Answering(closing), b"ok") == 2
     head = b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n"  # a HEAD answer names a length but has no body
-    ref = []
-    async with serve(answering(ref, head)) as server, pool() as client:
-        ref.append(server)
-        reply = await client.request("HEAD", f"http://127.0.0.1:{server.port}/", [], b"")
-        assert (reply.status, await asyncio.wait_for(body_of(reply), 2)) == (200, b"")
-        reply.close()
+    assert await connections_for_two_requests(Answering(head), b"", method="HEAD") == 2
 
 
 async def test_an_interim_100_answer_is_skipped() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\n" + OK
-    ref: list[Server] = []
-    async with serve(answering(ref, interim)) as server, pool() as client:
-        ref.append(server)
+    async with serve(Answering(interim)) as server, pool() as client:
         reply = await client.request("POST", f"http://127.0.0.1:{server.port}/", [], b"{}")
         assert (reply.status, reply.raw_headers[0], await body_of(reply)) == (
             200,
@@ -267,8 +248,7 @@ async def test_the_read_timeout_applies_before_the_headers_and_between_chunks_no
 
 
 async def test_connect_timeout() -> None:
-    ref: list[Server] = []
-    async with serve(answering(ref, OK)) as server:
+    async with serve(Answering(OK)) as server:
         client = UpstreamPool(1e-9, 5.0)
         with pytest.raises(UpstreamConnectTimeoutError):
             await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
@@ -372,10 +352,9 @@ async def connect_proxy(seen: list[bytes]) -> AsyncIterator[int]:
 
 async def test_tls_directly_and_through_a_proxy_tunnel_and_plain_http_through_the_proxy(tmp_path: Path) -> None:
     server_tls, client_tls = certificate(tmp_path)
-    ref: list[Server] = []
+    upstream = Answering(OK)
     seen: list[bytes] = []
-    async with serve(answering(ref, OK), tls=server_tls) as server, pool(tls=client_tls) as client:
-        ref.append(server)
+    async with serve(upstream, tls=server_tls) as server, pool(tls=client_tls) as client:
         reply = await client.request("GET", f"https://localhost:{server.port}/v1/models", [], b"")
         assert await body_of(reply) == b'{"ok":true}'
         reply.close()
@@ -388,14 +367,13 @@ async def test_tls_directly_and_through_a_proxy_tunnel_and_plain_http_through_th
         assert server.connections == 2  # one direct, one tunnel kept alive for both requests
         assert seen[0].startswith(b"CONNECT localhost:%d HTTP/1.1\r\n" % server.port)
         assert b"proxy-authorization: Basic dXNlckBjb3JwOnA6c3M=\r\n" in seen[0]  # user@corp:p:ss
-        assert all(request.startswith(b"GET /v1/models HTTP/1.1\r\nhost: localhost:") for request in server.requests)
+        assert all(request.startswith(b"GET /v1/models HTTP/1.1\r\nhost: localhost:") for request in upstream.requests)
         with pytest.raises(UpstreamConnectError):  # the certificate is not trusted by default
             async with pool() as untrusting:
                 await untrusting.request("GET", f"https://localhost:{server.port}/", [], b"")
 
-    ref, seen = [], []
-    async with serve(answering(ref, OK)) as server, pool() as client, connect_proxy(seen) as proxy_port:
-        ref.append(server)
+    seen = []
+    async with serve(Answering(OK)) as server, pool() as client, connect_proxy(seen) as proxy_port:
         url = f"http://127.0.0.1:{server.port}/v1/models"
         reply = await client.request("GET", url, [], b"", f"http://127.0.0.1:{proxy_port}")
         assert await body_of(reply) == b'{"ok":true}'
