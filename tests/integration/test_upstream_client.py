@@ -92,6 +92,21 @@ class Answering:
             index += 1
 
 
+def script(*steps: bytes | float) -> Handler:
+    """A handler that reads one request, then writes each bytes step and sleeps each number of seconds."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for step in steps:
+            if isinstance(step, bytes):
+                writer.write(step)
+                await writer.drain()
+            else:
+                await asyncio.sleep(step)
+
+    return handler
+
+
 async def body_of(reply: UpstreamReply) -> bytes:
     return b"".join([chunk async for chunk in reply.chunks()])
 
@@ -144,14 +159,7 @@ async def test_chunked_and_close_delimited_bodies_arrive_whole_and_only_the_chun
     )
     assert await connections_for_two_requests(Answering(chunked), b"hello, world") == 1
 
-    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nno length, ")
-        await writer.drain()
-        writer.write(b"ends with the connection")
-        await writer.drain()
-        writer.close()
-
+    until_close = script(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nno length, ", b"ends with the connection")
     assert await connections_for_two_requests(until_close, b"no length, ends with the connection") == 2
 
 
@@ -175,10 +183,7 @@ async def test_an_interim_100_answer_is_skipped() -> None:
 
 
 async def test_failures_before_the_answer_are_connect_errors_and_after_it_broken_or_timeouts() -> None:
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)  # the request arrived; the upstream closes without a byte
-
-    async with serve(hang_up) as server, pool() as client:
+    async with serve(script()) as server, pool() as client:
         with pytest.raises(UpstreamConnectError):
             await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
         port = server.port
@@ -186,61 +191,36 @@ async def test_failures_before_the_answer_are_connect_errors_and_after_it_broken
         with pytest.raises(UpstreamConnectError):  # nothing listens there any more
             await client.request("GET", f"http://127.0.0.1:{port}/", [], b"")
 
-    async def truncated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")
-        await writer.drain()
-
+    truncated = script(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")
     async with serve(truncated) as server, pool() as client:
         reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
         with pytest.raises(UpstreamBrokenError):
             await body_of(reply)
         reply.close()
 
-    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    async with serve(not_http) as server, pool() as client:
+    async with serve(script(b"SSH-2.0-OpenSSH\r\n\r\n", 5.0)) as server, pool() as client:
         with pytest.raises(UpstreamBrokenError):
             await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
 
 
 async def test_the_read_timeout_applies_before_the_headers_and_between_chunks_not_to_the_whole_answer() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.sleep(5)
-
-    async with serve(silent) as server, pool(read_timeout=0.3) as client:
+    async with serve(script(5.0)) as server, pool(read_timeout=0.3) as client:
         with pytest.raises(UpstreamReadTimeoutError):
             await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
 
-    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        for _ in range(6):  # 1.2 s in all, 0.2 s apart: longer than the timeout, each gap shorter
-            writer.write(b"1\r\nx\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1.0)  # then silence, but the answer is complete
-        writer.write(b"1\r\ny\r\n")  # and a stall mid-body on the next one would time out (below)
-
+    # 1.2 s in all, 0.2 s apart: longer than the timeout, each gap shorter; then silence after a complete answer.
+    trickle = script(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", *[b"1\r\nx\r\n", 0.2] * 6, b"0\r\n\r\n", 1.0
+    )
     async with serve(trickle) as server, pool(read_timeout=0.5) as client:
         reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
         assert await body_of(reply) == b"xxxxxx"
         reply.close()
 
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    async with serve(stall) as server, pool(read_timeout=0.3) as client:
+    async with (
+        serve(script(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 5.0)) as server,
+        pool(read_timeout=0.3) as client,
+    ):
         reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
         with pytest.raises(UpstreamReadTimeoutError):
             await body_of(reply)
@@ -269,13 +249,10 @@ async def test_a_slow_reader_pauses_the_upstream_socket_and_still_gets_every_byt
 
     monkeypatch.setattr(upstream_module.Connection, "pause", counting_pause)
 
-    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
-        writer.write(body)
-        await writer.drain()
-
-    async with serve(big) as server, pool() as client:
+    async with (
+        serve(script(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)) as server,
+        pool() as client,
+    ):
         reply = await client.request("GET", f"http://127.0.0.1:{server.port}/", [], b"")
         received = []
         async for chunk in reply.chunks():
@@ -382,11 +359,7 @@ async def test_tls_directly_and_through_a_proxy_tunnel_and_plain_http_through_th
 
 
 async def test_cancelling_a_request_closes_its_connection() -> None:
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.sleep(5)
-
-    async with serve(slow) as server, pool() as client:
+    async with serve(script(5.0)) as server, pool() as client:
         task = asyncio.create_task(client.request("GET", f"http://127.0.0.1:{server.port}/", [], b""))
         await asyncio.sleep(0.2)
         task.cancel()
