@@ -81,9 +81,9 @@ async def open_upstream(pool: UpstreamPool, call: UpstreamCall, record: Exchange
             if attempt < MAX_CONNECT_RETRIES:
                 log.info("upstream connection failed (%s); retrying", error)
                 continue
-            raise UpstreamUnreachableError(f"the upstream is unreachable ({error})") from None
+            raise UpstreamUnreachableError(f"the upstream is unreachable: {error}") from None
         except UpstreamError as error:
-            raise UpstreamUnreachableError(f"the upstream request failed ({error})") from None
+            raise UpstreamUnreachableError(f"the upstream request failed: {error}") from None
         record.upstream_headers = time.perf_counter()
         return reply
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
@@ -197,7 +197,7 @@ class UpstreamResponse(Response):
             record.error_message = "the upstream went silent for longer than the read timeout"
         except UpstreamBrokenError as error:
             record.outcome, record.error_type = Outcome.STREAM_ERROR, "upstream_connection_lost"
-            record.error_message = f"the upstream connection broke mid-response ({error})"
+            record.error_message = str(error)  # e.g. "the upstream closed the connection mid-response"
         if record.error_type is not None:
             # Relay the break as a break: ending the body cleanly would tell the client the answer was whole.
             # Returning without the final body message makes the server close the connection mid-body.

@@ -379,7 +379,7 @@ class UpstreamPool:
                 f"TLS with the upstream failed ({error.reason or type(error).__name__})"
             ) from None
         except OSError as error:
-            raise UpstreamConnectError(f"could not connect to the upstream ({type(error).__name__})") from None
+            raise UpstreamConnectError(f"could not connect ({type(error).__name__})") from None
 
     async def _open_connection(self, origin: Origin) -> Connection:
         loop = self.loop
