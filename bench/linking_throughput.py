@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -216,11 +217,14 @@ class Builder:
     def tool_id(self) -> str:
         return f"toolu_01{self.rng.getrandbits(96):024x}"
 
-    def billing(self, system: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # Claude Code's billing header changes its last three hex digits from request to request.
+    def billing(self, system: list[dict[str, Any]], first: dict[str, Any]) -> list[dict[str, Any]]:
+        # Claude Code's billing header ends in three hex digits that follow the thread's first message: in the captured
+        # session every request of the main thread (--continue and --resume too) carries the same ones, the
+        # sub-agent and the conversation after the compaction others. Derived here from that first message.
         header = system[0]["text"].rsplit(";", 2)
         version, rest = header[0].rsplit(".", 1)[0], ";".join(header[1:])
-        return [text(f"{version}.{self.rng.getrandbits(12):03x};{rest}"), *system[1:]]
+        suffix = hashlib.sha256(compact(first)).hexdigest()[:3]
+        return [text(f"{version}.{suffix};{rest}"), *system[1:]]
 
     def send(self, kind: str, messages: list[dict[str, Any]], response: list[dict[str, Any]], agent: bool) -> None:
         *earlier, last = messages
@@ -230,7 +234,7 @@ class Builder:
         body: dict[str, Any] = {
             "model": MODEL,
             "messages": [*earlier, marked],
-            "system": self.billing(self.claude.agent_system if agent else self.claude.main_system),
+            "system": self.billing(self.claude.agent_system if agent else self.claude.main_system, messages[0]),
             "tools": self.claude.agent_tools if agent else self.claude.main_tools,
             "metadata": {"user_id": json.dumps(metadata, separators=(",", ":"))},
             "max_tokens": 32000,
@@ -828,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if phase == "stages":
                 report["stages"] = asyncio.run(stages_alone(database.url, workload, claude))
                 continue
+            database.checkpoint()
             log("the recording process…")
             report["recorder"] = asyncio.run(recorder_throughput(database.url, workload, claude, args.timeout))
             log("the writer in this process, stage by stage…")

@@ -33,27 +33,28 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def _upgrade(connection: Connection, database_url: str) -> None:
+def _upgrade(connection: Connection, database_url: str, revision: str = "head") -> None:
     config = alembic_config(database_url)
     config.attributes["connection"] = connection
     if connection.dialect.name == "postgresql":
         connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
     try:
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
     finally:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
 
 
-async def migrate(database_url: str, *, wait_seconds: float = 60.0) -> None:
-    """Upgrade the schema to the newest revision; raise DatabaseUnavailableError if the DB never answers."""
+async def migrate(database_url: str, *, wait_seconds: float = 60.0, revision: str = "head") -> None:
+    """Upgrade the schema to the newest revision (or `revision`); raise DatabaseUnavailableError if the DB never
+    answers."""
     engine = create_engine(database_url, pool_size=1)
     deadline = time.monotonic() + wait_seconds
     try:
         while True:
             try:
                 async with engine.connect() as connection:
-                    await connection.run_sync(_upgrade, database_url)
+                    await connection.run_sync(_upgrade, database_url, revision)
                     await connection.commit()
                 break
             except (OSError, sa.exc.OperationalError, sa.exc.InterfaceError) as error:

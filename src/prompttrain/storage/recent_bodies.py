@@ -28,10 +28,10 @@ from typing import Any
 
 import orjson
 
-from prompttrain.storage.content import DIGEST_SIZE, SplitBody, digest_of, split_body, split_parsed
+from prompttrain.storage.content import DIGEST_SIZE, SplitBody, digest_of, digests, split_body, split_parsed
 from prompttrain.storage.records import ExchangeRecord
 
-MEMORY_BYTES = 12 << 20  # of raw JSON; with their parsed values about four times as much in memory
+MEMORY_BYTES = 24 << 20  # of raw JSON; with their parsed values about four times as much in memory
 BODIES_PER_SESSION = 4  # the main thread and the sub-agents a session runs at once
 MESSAGES_OPEN = b'"messages":['
 
@@ -214,7 +214,22 @@ def _read_rest(
     rest_starts = (*changed_starts[:-1], *(position + shift for position in previous.rest_starts[index:]))
     kept_keys = {key for key, _ in kept_items}
     kept_refs = {key: refs for key, refs in all_kept.items() if key in kept_keys}
+    for key, refs in all_kept.items():
+        if key in parsed:
+            kept_refs[key] = _refs_reusing(parsed[key], previous.body.get(key), refs)
     return [*parsed.items(), *kept_items], kept_refs, rest_starts
+
+
+def _refs_reusing(value: Any, old_value: Any, old_refs: bytes | None) -> bytes:
+    """The digests of a changed `system`/`tools`, reusing those of the items equal to the earlier body's (Claude
+    Code's billing block changes while the long prompt blocks after it do not)."""
+    values = value if isinstance(value, list) else [value]
+    old_values = old_value if isinstance(old_value, list) and isinstance(value, list) else []
+    old_digests = digests(old_refs) if old_values else []
+    return b"".join(
+        old_digests[index] if index < len(old_values) and item == old_values[index] else digest_of(item)
+        for index, item in enumerate(values)
+    )
 
 
 class RecentBodies:
